@@ -1,0 +1,172 @@
+"""TransformerLens adapter: ``model.add_sae`` on a TL 4 ``TransformerBridge`` or a TL 2.x/3.x ``HookedTransformer``.
+
+>>> from sae_hooks.adapters.transformer_lens import attach
+>>> model = attach(bridge)                     # returns the same model object, now with add_sae
+>>> att = model.add_sae(sae, error_term=True)  # at sae.cfg's hook, e.g. "blocks.3.hook_resid_post"
+>>> logits, cache = model.run_with_cache(tokens)
+>>> cache["blocks.3.hook_resid_post.hook_sae_acts_post"]  # (batch, pos, d_sae)
+
+SAEs run inside permanent hooks on the model's own ``HookPoint``s, so ``run_with_cache``,
+``run_with_hooks``, ``generate`` and ``reset_hooks()`` keep working; the SAE's tensors are published as
+extra HookPoints named ``"{hook}.hook_sae_{input,acts_post,recons,error,output}"`` (SAELens's names)
+that ``run_with_cache`` records and ``run_with_hooks`` can edit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from sae_hooks.attach import Remover, SAEManager
+from sae_hooks.errors import HookNotFoundError, did_you_mean
+from sae_hooks.interventions import RECORD_NAMES
+
+from ._binding import bind, wrap_generation
+
+try:  # TransformerLens is required by this adapter only.
+    from transformer_lens.hook_points import HookPoint
+except ImportError as e:  # pragma: no cover - exercised only without TL installed
+    raise ImportError(
+        "sae_hooks.adapters.transformer_lens needs TransformerLens: pip install 'sae-hooks[transformer_lens]'"
+    ) from e
+
+
+def attach(model: Any) -> Any:
+    """Give ``model`` the SAE API (``add_sae``, ``remove_sae``, ``reset_saes``, ``saes``); return it.
+
+    Idempotent: attaching twice reuses the same manager.
+    """
+    if "sae_manager" in getattr(model, "__dict__", {}):
+        return model
+    if not hasattr(model, "hook_dict"):
+        raise TypeError(
+            f"{type(model).__name__} is not a TransformerLens model (no hook_dict); "
+            "use sae_hooks.adapters.torch.attach for a plain nn.Module"
+        )
+    backend = TransformerLensBackend(model)
+    manager = SAEManager(backend)
+    backend.manager = manager
+    bind(model, manager)
+    wrap_generation(model, manager, ("generate", "generate_stream", "hf_generate"))
+    backend.install_context_hooks()
+    return model
+
+
+class _HookPointRecorder:
+    """Publishes an SAE's tensors through HookPoints registered on the model under ``prefix``."""
+
+    def __init__(self, points: dict[str, HookPoint]):
+        self.points = points
+
+    def wants(self, name: str) -> bool:
+        return bool(self.points[name].fwd_hooks)
+
+    def __call__(self, name: str, value: Tensor) -> Tensor:
+        return self.points[name](value)
+
+
+class TransformerLensBackend:
+    def __init__(self, model: Any):
+        self.model = model
+        self.is_bridge = hasattr(model, "_hook_registry")
+        self.manager: SAEManager | None = None
+
+    # Sites ---------------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> str:
+        if not isinstance(name, str):
+            raise TypeError(f"hook names are strings, got {type(name).__name__}")
+        hooks = self.model.hook_dict
+        if name in hooks:
+            return name
+        raise HookNotFoundError(
+            f"no hook named {name!r} on this {type(self.model).__name__}.{did_you_mean(name, hooks)}"
+        )
+
+    def hook_point(self, name: str) -> HookPoint:
+        hp = self.model.hook_dict[name]
+        return getattr(hp, "_target", hp)  # aliases may be views of the real HookPoint
+
+    def site_width(self, site: str) -> int | None:
+        cfg = getattr(self.model, "cfg", None)
+        if cfg is None:
+            return None
+        d_model = getattr(cfg, "d_model", None)
+        if re.search(r"(hook_resid_(pre|mid|post)|hook_(attn|mlp)_out|ln\d\.hook_normalized|^hook_(pos_)?embed)$", site):
+            return d_model
+        if re.search(r"mlp\.hook_(pre|post)$", site):
+            return getattr(cfg, "d_mlp", None)
+        if site.endswith("attn.hook_z"):
+            n_heads, d_head = getattr(cfg, "n_heads", None), getattr(cfg, "d_head", None)
+            return n_heads * d_head if n_heads and d_head else None
+        return None
+
+    def install(self, site: str, fn: Callable[[Tensor], Tensor | None]) -> Remover:
+        hp = self.hook_point(site)
+
+        def sae_hook(activation: Tensor, hook: Any) -> Tensor | None:
+            return fn(activation)
+
+        before = list(hp.fwd_hooks)
+        if self.is_bridge:
+            self.model.add_hook(site, sae_hook, is_permanent=True)
+        else:
+            hp.add_hook(sae_hook, dir="fwd", is_permanent=True)
+        added = [h for h in hp.fwd_hooks if h not in before]
+
+        def remove() -> None:
+            for handle in added:
+                handle.hook.remove()
+                if handle in hp.fwd_hooks:
+                    hp.fwd_hooks.remove(handle)
+
+        return remove
+
+    def recorder(self, prefix: str) -> tuple[_HookPointRecorder, Remover]:
+        points = {}
+        for record_name in RECORD_NAMES:
+            hp = HookPoint()
+            hp.name = f"{prefix}.{record_name}"
+            points[record_name] = hp
+        registries = self._registries()
+        for hp in points.values():
+            for registry in registries:
+                registry[hp.name] = hp
+
+        def unpublish() -> None:
+            for hp in points.values():
+                hp.remove_hooks("both", including_permanent=True)
+                for registry in registries:
+                    if registry.get(hp.name) is hp:
+                        del registry[hp.name]
+
+        return _HookPointRecorder(points), unpublish
+
+    def _registries(self) -> list[dict]:
+        if self.is_bridge:
+            return [self.model._hook_registry]
+        return [self.model.hook_dict, self.model.mod_dict]
+
+    # Forward context: token ids for token filters, positions during generation ------------------
+
+    def install_context_hooks(self) -> None:
+        manager = self.manager
+        assert manager is not None
+        state: dict[str, Any] = {"mask": None}
+
+        def root_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            state["mask"] = kwargs.get("attention_mask")
+
+        def embed_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("tokens"))
+            if isinstance(tokens, Tensor) and tokens.dim() == 2 and not tokens.is_floating_point():
+                manager.begin_forward(tokens, tokens.shape[-1], state["mask"])
+            state["mask"] = None
+
+        self.model.register_forward_pre_hook(root_pre_hook, with_kwargs=True)
+        embed = getattr(self.model, "embed", None)
+        if isinstance(embed, nn.Module):
+            embed.register_forward_pre_hook(embed_pre_hook, with_kwargs=True)

@@ -1,0 +1,40 @@
+"""sae-hooks: sparse autoencoders inside TransformerLens, nnsight and plain PyTorch.
+
+The core imports only torch, safetensors and huggingface_hub; framework adapters live in
+:mod:`sae_hooks.adapters` and are imported on demand.
+"""
+
+from .config import FORMAT_VERSION, SAEConfig, Site
+from .errors import (
+    ConfigError,
+    HookNotFoundError,
+    SAEFormatError,
+    SAEHooksError,
+    ShapeMismatchError,
+    UnknownArchitectureError,
+)
+from .native import load as load_native
+from .native import save
+from .saes import (
+    SAE,
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    ReLUSAE,
+    SparseLatents,
+    TopKSAE,
+    build_sae,
+    make_sae,
+    register_sae_class,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION", "SAEConfig", "Site",
+    "ConfigError", "HookNotFoundError", "SAEFormatError", "SAEHooksError", "ShapeMismatchError",
+    "UnknownArchitectureError",
+    "load_native", "save",
+    "SAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "SparseLatents", "TopKSAE",
+    "build_sae", "make_sae", "register_sae_class",
+]

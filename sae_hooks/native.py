@@ -1,0 +1,106 @@
+"""The native format: one folder per SAE with ``cfg.json`` and ``sae.safetensors``. Nothing is pickled."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ._atomic import atomic_dir
+from .config import FORMAT_VERSION, SAEConfig, parse_dtype
+from .errors import ConfigError, SAEFormatError, ShapeMismatchError
+from .saes import SAE, build_sae
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+FORMAT_NAME = "sae_hooks"
+
+
+def save(sae: SAE, path: str | os.PathLike) -> Path:
+    """Write ``sae`` to the folder ``path`` atomically (the old folder survives a failed save)."""
+    path = Path(path)
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **sae.cfg.to_dict()}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in sae.state_dict().items()}
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2, sort_keys=False) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+    return path
+
+
+def read_config(path: str | os.PathLike) -> SAEConfig:
+    cfg_path = Path(path) / CONFIG_FILE
+    try:
+        data = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise SAEFormatError(f"{cfg_path}: no {CONFIG_FILE}; not a native sae-hooks folder") from None
+    except json.JSONDecodeError as e:
+        raise SAEFormatError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise SAEFormatError(f"{cfg_path}: not a native sae-hooks config (missing \"format\": \"{FORMAT_NAME}\")")
+    version = data.pop("format_version", None)
+    data.pop("format")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SAEFormatError(
+            f"{cfg_path}: format_version {version!r} is not supported (this sae-hooks reads <= {FORMAT_VERSION}); "
+            "upgrade sae-hooks"
+        )
+    try:
+        return SAEConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_path}: {e}") from None
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> SAE:
+    """Load a native SAE folder onto ``device`` (tensors go there directly), optionally cast to ``dtype``."""
+    path = Path(path)
+    cfg = read_config(path)
+    weights = path / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights), device=str(device) if device is not None else "cpu")
+    except FileNotFoundError:
+        raise SAEFormatError(f"{weights}: missing weights file") from None
+    except (SafetensorError, OSError) as e:
+        raise SAEFormatError(f"{weights}: cannot read safetensors file ({e})") from None
+    return from_state_dict(cfg, state, source=str(weights), dtype=dtype)
+
+
+def from_state_dict(
+    cfg: SAEConfig,
+    state: dict[str, torch.Tensor],
+    source: str = "<state dict>",
+    dtype: str | torch.dtype | None = None,
+) -> SAE:
+    """Build an SAE from a canonical state dict, checking every key and shape against ``cfg``.
+
+    The tensors are adopted without a second full copy (``load_state_dict(assign=True)``).
+    """
+    if dtype is not None:
+        cfg = cfg.replace(dtype=str(parse_dtype(dtype)).removeprefix("torch."))
+    with torch.device("meta"):
+        sae = build_sae(cfg)
+    expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise SAEFormatError(
+            f"{source}: tensors do not match architecture {cfg.architecture!r}: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ShapeMismatchError(
+                f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                f"but the config (d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.output_dim}) implies {shape}"
+            )
+    target = cfg.torch_dtype
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    sae.load_state_dict(state, assign=True)
+    return sae
