@@ -153,20 +153,33 @@ class TransformerLensBackend:
     # Forward context: token ids for token filters, positions during generation ------------------
 
     def install_context_hooks(self) -> None:
+        """Tell the manager, once per forward, the sequence length, token ids and attention mask.
+
+        ``generate`` may call ``forward`` directly (so module hooks on the root don't fire) and may
+        start from embeddings, so: the embedding module reports the token ids it is fed (all of them,
+        or only the new ones), and ``blocks.0.hook_resid_pre`` — which every forward passes — starts
+        the forward with the true sequence length. The root's pre-hook adds the attention mask.
+        """
         manager = self.manager
         assert manager is not None
-        state: dict[str, Any] = {"mask": None}
+        pending: dict[str, Any] = {"tokens": None, "mask": None}
 
         def root_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            state["mask"] = kwargs.get("attention_mask")
+            pending["mask"] = kwargs.get("attention_mask")
 
         def embed_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("tokens"))
             if isinstance(tokens, Tensor) and tokens.dim() == 2 and not tokens.is_floating_point():
-                manager.begin_forward(tokens, tokens.shape[-1], state["mask"])
-            state["mask"] = None
+                pending["tokens"] = tokens
+
+        def first_block_hook(resid: Tensor, hook: Any) -> None:
+            manager.begin_forward(pending["tokens"], resid.shape[1] if resid.dim() >= 2 else 0, pending["mask"])
+            pending["tokens"] = pending["mask"] = None
 
         self.model.register_forward_pre_hook(root_pre_hook, with_kwargs=True)
         embed = getattr(self.model, "embed", None)
         if isinstance(embed, nn.Module):
             embed.register_forward_pre_hook(embed_pre_hook, with_kwargs=True)
+        first = "blocks.0.hook_resid_pre"
+        if first in self.model.hook_dict:
+            self.hook_point(first).add_hook(first_block_hook, dir="fwd", is_permanent=True)

@@ -158,6 +158,8 @@ class SAEManager:
         self.context = ForwardContext()
         self._generating = False
         self._consumed = 0
+        self._history: Tensor | None = None
+        self._seq = 0
 
     # Public API (bound onto the model by adapters) ------------------------------------------------
 
@@ -278,7 +280,7 @@ class SAEManager:
     def generation(self) -> Iterator[None]:
         """Track absolute positions while a ``generate`` call feeds the model step by step."""
         outer = self._generating
-        self._generating, self._consumed = True, 0
+        self._generating, self._consumed, self._history = True, 0, None
         try:
             yield
         finally:
@@ -286,7 +288,11 @@ class SAEManager:
             self.context = ForwardContext()
 
     def begin_forward(self, tokens: Tensor | None, seq: int, attention_mask: Tensor | None = None) -> None:
-        """Called by adapters once per forward pass, before the first site runs."""
+        """Called by adapters once per forward pass, before the first site runs.
+
+        ``tokens`` may be ``None`` when the forward starts from embeddings; :meth:`observe_tokens`
+        can supply them later (e.g. from the embedding module).
+        """
         offset = 0
         if self._generating:
             # With a KV cache each step feeds only new tokens; without one each step re-feeds the
@@ -295,7 +301,20 @@ class SAEManager:
                 self._consumed = 0
             offset = self._consumed
             self._consumed += seq
-        self.context = ForwardContext(tokens=tokens, attention_mask=attention_mask, position_offset=offset)
+        self.context = ForwardContext(tokens=None, attention_mask=attention_mask, position_offset=offset)
+        self._seq = seq
+        if tokens is not None:
+            self.observe_tokens(tokens)
+
+    def observe_tokens(self, tokens: Tensor) -> None:
+        """Token ids fed to the model in this forward (all of them, or only the new ones in generation)."""
+        if self._generating:
+            history = self._history
+            full = history is None or history.shape[0] != tokens.shape[0] or tokens.shape[-1] >= self._seq
+            self._history = tokens if full else torch.cat([history, tokens], -1)
+            tokens = self._history
+        if tokens.shape[-1] >= self._seq:
+            self.context.tokens = tokens[:, -self._seq:]
 
     # Internals -----------------------------------------------------------------------------------
 

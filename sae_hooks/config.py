@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,7 +63,12 @@ class Site:
     def from_dict(cls, data: dict[str, Any] | str) -> Site:
         if isinstance(data, str):
             return cls(hook=data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"a site must be a hook name or a JSON object, got {type(data).__name__} {data!r}")
         _check_keys(cls, data, "site")
+        bad = {k: v for k, v in data.items() if v is not None and not isinstance(v, str)}
+        if bad:
+            raise ConfigError(f"site fields must be strings, got {bad!r}")
         return cls(**data)
 
 
@@ -125,6 +131,10 @@ class SAEConfig:
                 f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}"
                 + did_you_mean(str(self.normalize), NORMALIZATIONS)
             )
+        for name in ("norm_scale", "norm_eps"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.normalize == "scale" and not self.norm_scale:
             raise ConfigError("normalize='scale' needs a non-zero norm_scale")
         if self.reshape not in ("none", "hook_z"):
@@ -169,7 +179,10 @@ class SAEConfig:
         if missing:
             raise ConfigError(f"SAE config is missing required key(s) {missing}")
         data = dict(data)
-        data["sites"] = [Site.from_dict(s) for s in data.get("sites") or []]
+        sites = data.get("sites") or []
+        if not isinstance(sites, list):
+            raise ConfigError(f"sites must be a list, got {type(sites).__name__} {sites!r}")
+        data["sites"] = [Site.from_dict(s) for s in sites]
         metadata = data.get("metadata", {})
         if not isinstance(metadata, dict):
             raise ConfigError(f"metadata must be a JSON object, got {type(metadata).__name__}")

@@ -183,7 +183,7 @@ class SiteIntervention:
             dense = to_dense(latents)
             edited = self._apply_latent_edits_dense(dense, ctx) if delta is not None else dense
             if skip is not None:
-                edited = edited * ~skip[..., None]
+                edited = edited * ~skip
             dense_edited = record("hook_sae_acts_post", edited)
             if dense_edited is not edited:  # a user hook changed the latents: decode its change
                 change = sae.decode(dense_edited - edited, None) - sae.b_dec
@@ -211,7 +211,7 @@ class SiteIntervention:
         if steer is not None:
             out = out + steer
         if skip is not None:
-            out = torch.where(skip[..., None], target_flat, out)
+            out = torch.where(skip, target_flat, out)
         if record.wants("hook_sae_output"):
             out = record("hook_sae_output", out)
         return out.unflatten(-1, target.shape[-2:]) if hook_z else out
@@ -240,14 +240,13 @@ class SiteIntervention:
                 )
             tokens = ctx.tokens[:, -seq:].to(x.device)
             skip |= torch.isin(tokens, torch.as_tensor(list(self.skip_tokens), device=x.device))
-        # Leading dims beyond (batch, seq) (e.g. hook_z heads were flattened already) broadcast.
-        return skip.view(batch, seq, *([1] * (x.dim() - 3)))
+        return skip.view(batch, seq, *([1] * (x.dim() - 2)))  # broadcasts over the feature dims
 
     def _edit_mask(self, spec: PositionSpec, ctx: ForwardContext, x: Tensor) -> Tensor | None:
         if spec is None and ctx.attention_mask is None:
             return None
         batch, seq = self._batch_seq(x)
-        return position_mask(spec, ctx, batch, seq, x.device).view(batch, seq, *([1] * (x.dim() - 3)))
+        return position_mask(spec, ctx, batch, seq, x.device).view(batch, seq, *([1] * (x.dim() - 2)))
 
     def _latent_edits(self) -> list[LatentEdit]:
         return [e for e in self.edits if isinstance(e, LatentEdit)]

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny models built offline (no downloads), seeded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tl_major() -> int | None:
+    try:
+        from importlib.metadata import version
+
+        return int(version("transformer-lens").split(".")[0])
+    except Exception:
+        return None
+
+
+def tiny_hf_gpt2(seed: int = 0):
+    """A randomly initialised Hugging Face GPT-2 (2 layers, d_model 32) in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def build_tl_model(kind: str):
+    """A tiny TransformerLens model of the given kind, or skip when this TL version lacks it."""
+    major = tl_major()
+    if major is None:
+        pytest.skip("transformer_lens is not installed")
+    if kind == "bridge_native":
+        if major < 4:
+            pytest.skip(f"TransformerBridge.boot_native needs TransformerLens 4 (installed: {major}.x)")
+        from transformer_lens.model_bridge import TransformerBridge
+        import transformer_lens.model_bridge.sources  # noqa: F401 - registers boot_native
+
+        cfg = dict(d_model=32, n_layers=2, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=100, act_fn="gelu", seed=0)
+        return TransformerBridge.boot_native(cfg)
+    if kind == "bridge_hf":
+        if major < 4:
+            pytest.skip(f"build_bridge_from_module needs TransformerLens 4 (installed: {major}.x)")
+        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+        hf = tiny_hf_gpt2()
+        return build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hf.config)
+    if kind == "hooked_transformer":
+        if major >= 4:
+            pytest.skip("HookedTransformer was removed in TransformerLens 4 (tested in the TL 3.x environment)")
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        torch.manual_seed(0)
+        cfg = HookedTransformerConfig(
+            d_model=32, n_layers=2, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=100, act_fn="gelu",
+            normalization_type="LN", seed=0,
+        )
+        return HookedTransformer(cfg).eval()
+    raise ValueError(kind)
+
+
+TL_KINDS = ["bridge_native", "bridge_hf", "hooked_transformer"]
+
+# Hugging Face Hub test server fixtures (tests/conftest_hub.py).
+from conftest_hub import hf_offline, hub_server  # noqa: E402, F401
