@@ -176,7 +176,17 @@ class TransformerLensBackend:
             manager.begin_forward(pending["tokens"], resid.shape[1] if resid.dim() >= 2 else 0, pending["mask"])
             pending["tokens"] = pending["mask"] = None
 
+        def inner_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # run_with_cache / run_with_hooks call bridge.forward directly (the root pre-hook doesn't
+            # fire); the wrapped HF model still receives the attention mask before the embedding runs.
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, Tensor) and mask.dim() == 2:
+                pending["mask"] = mask
+
         self.model.register_forward_pre_hook(root_pre_hook, with_kwargs=True)
+        inner = getattr(self.model, "original_model", None) if self.is_bridge else None
+        if isinstance(inner, nn.Module) and inner is not self.model:
+            inner.register_forward_pre_hook(inner_pre_hook, with_kwargs=True)
         embed = getattr(self.model, "embed", None)
         if isinstance(embed, nn.Module):
             embed.register_forward_pre_hook(embed_pre_hook, with_kwargs=True)

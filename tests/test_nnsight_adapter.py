@@ -1,0 +1,150 @@
+"""The nnsight adapter: plain calls, traces, generation, the in-trace latent idiom, padding, errors, leaks."""
+
+from __future__ import annotations
+
+import copy
+import re
+import runpy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_hooks import make_sae
+from sae_hooks.errors import HookNotFoundError
+
+transformers = pytest.importorskip("transformers")
+nnsight = pytest.importorskip("nnsight")
+from sae_hooks.adapters.nnsight import attach, detach  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+DOC = Path(__file__).resolve().parents[1] / "docs" / "nnsight.md"
+
+
+@pytest.fixture(scope="module")
+def hf():
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def model(hf):
+    return attach(nnsight.NNsight(copy.deepcopy(hf)))
+
+
+@pytest.fixture(scope="module")
+def sae():
+    torch.manual_seed(3)
+    s = make_sae("relu", 32, 48, sites=["blocks.0.hook_resid_post"])
+    with torch.no_grad():
+        s.b_enc.normal_(0, 0.3)
+    return s
+
+
+def _spliced_truth(hf, sae, tokens, **kw):
+    """Logits with layer 0's output replaced by the SAE reconstruction, by a raw hook."""
+    m = copy.deepcopy(hf)
+    m.transformer.h[0].register_forward_hook(lambda mod, a, o: sae(o))
+    with torch.no_grad():
+        return m(tokens, **kw).logits
+
+
+def _hook_count(module):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_plain_call_underlying_call_and_trace_all_apply(model, hf, sae):
+    tokens = torch.randint(1, 100, (2, 7))
+    expected = _spliced_truth(hf, sae, tokens)
+    with model.saes(sae):
+        with torch.no_grad():
+            a = model(tokens).logits
+            b = model._module(tokens).logits
+            with model.trace(tokens):
+                c = model.output.logits.save()
+    for out in (a, b, c):
+        assert torch.allclose(out, expected, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens).logits, expected, atol=1e-3)  # removed again
+
+
+def test_generate_direct_call_applies(model, hf, sae):
+    prompt = torch.tensor([[4, 9, 16]])
+    truth = copy.deepcopy(hf)
+    truth.transformer.h[0].register_forward_hook(lambda mod, a, o: sae(o))
+    with torch.no_grad():
+        expected = truth.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        plain = hf.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with model.saes(sae):
+        ids = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(ids, expected)
+    assert not torch.equal(expected, plain)
+
+
+def test_trace_latent_edit_equals_attachment_ablation(model, sae):
+    tokens = torch.randint(1, 100, (2, 6))
+    with model.saes(sae, error_term=True) as (att,):
+        with model.trace(tokens):
+            taps = model.sae_taps["transformer.h.0"]  # the module spelling finds the TL-named taps
+            before = model.transformer.h[0].output.clone().save()
+            lat = taps.hook_sae_acts_post.output.clone().save()
+            taps.hook_sae_acts_post.output[:, :, [2, 5]] = 0
+            edited = model.output.logits.save()
+        with torch.no_grad():
+            att.ablate([2, 5])
+            ablated = model(tokens).logits
+    assert torch.allclose(lat, sae.encode(before), atol=1e-6)
+    assert torch.allclose(edited, ablated, atol=1e-5)
+    with torch.no_grad():
+        clean = model(tokens).logits
+    assert (edited - clean).abs().max() > 1e-3
+
+
+def test_trace_swap_of_sae_output(model, sae):
+    tokens = torch.randint(1, 100, (1, 5))
+    with model.saes(sae):
+        with model.trace(tokens):
+            x = model.transformer.h[0].output.clone().save()
+            model.sae_taps["blocks.0.hook_resid_post"].hook_sae_output.output = x * 2
+            y = model.transformer.h[1].input.save()
+    assert torch.allclose(y, x * 2, atol=1e-6)
+
+
+def test_left_padding_position_zero_is_first_real_token(model, sae):
+    tokens = torch.randint(1, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    with model.saes(sae, skip_positions=0):
+        with model.trace(tokens, attention_mask=mask):
+            lat = model.sae_taps["blocks.0.hook_resid_post"].hook_sae_acts_post.output.save()
+    assert lat[0, 2].abs().sum() == 0 and lat[1, 0].abs().sum() == 0  # first real tokens skipped
+    assert lat[0, 3].abs().sum() > 0 and lat[1, 1].abs().sum() > 0
+
+
+def test_wrong_path_error_and_no_leak_after_exception_in_trace(model, sae):
+    module = model._module
+    before = _hook_count(module)
+    with pytest.raises(HookNotFoundError, match="transformer.h.0"):
+        model.add_sae(sae, "transformer.h.O")
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.saes(sae, error_term=True):
+            assert _hook_count(module) == before + 1
+            with model.trace(torch.randint(1, 100, (1, 4))):
+                model.sae_taps["blocks.0.hook_resid_post"].hook_sae_acts_post.output.save()
+                raise RuntimeError("boom")
+    assert _hook_count(module) == before
+    assert not model.sae_manager.attachments and not model.sae_taps
+    detach(model)
+    assert "add_sae" not in model.__dict__ and _hook_count(module) == before - 1  # context hook gone too
+
+
+def test_docs_example_runs(tmp_path):
+    code = "\n".join(re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S))
+    assert "sae_taps" in code
+    # nnsight re-reads a trace's source from its file, so run the example from a real .py file.
+    script = tmp_path / "nnsight_example.py"
+    script.write_text(code)
+    runpy.run_path(str(script), run_name="__main__")
