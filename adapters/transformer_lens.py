@@ -82,9 +82,23 @@ class TransformerLensBackend:
         hooks = self.model.hook_dict
         if name in hooks:
             return name
+        translated = self._from_module_path(name)
+        if translated in hooks:
+            return translated
         raise HookNotFoundError(
             f"no hook named {name!r} on this {type(self.model).__name__}.{did_you_mean(name, hooks)}"
         )
+
+    def _from_module_path(self, name: str) -> str | None:
+        """A Hugging Face module path (``transformer.h.3``) as a TL hook name, when the family is known."""
+        from sae_hooks import hooknames
+
+        inner = getattr(self.model, "original_model", None) if self.is_bridge else None
+        if not isinstance(inner, nn.Module):
+            return None
+        model_type = getattr(getattr(inner, "config", None), "model_type", None)
+        fam = hooknames.detect_family((n for n, _ in inner.named_modules()), model_type)
+        return hooknames.to_hook_name(name, fam) if fam is not None else None
 
     def hook_point(self, name: str) -> HookPoint:
         hp = self.model.hook_dict[name]

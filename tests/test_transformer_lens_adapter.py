@@ -309,3 +309,17 @@ def test_existing_methods_keep_working(model):
         assert HOOK in cache
         model.reset_saes()
         assert torch.equal(model(toks), clean)
+
+
+@torch.no_grad()
+def test_module_path_site_resolves_on_a_bridge_over_hf():
+    """An SAE that only knows its HF module path attaches to a bridge over that HF model."""
+    from sae_hooks.adapters.transformer_lens import attach
+
+    model = attach(build_tl_model("bridge_hf"))
+    sae = make_sae("relu", D, 64, sites=[{"module": "transformer.h.0"}])
+    toks = tokens()
+    expected = model.run_with_hooks(toks, fwd_hooks=by_hand(sae))
+    att = model.add_sae(sae)
+    assert att.sites == [HOOK]
+    torch.testing.assert_close(model(toks), expected, atol=ATOL, rtol=0)
