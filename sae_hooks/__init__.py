@@ -28,6 +28,8 @@ from .saes import (
     register_sae_class,
 )
 
+from .hub import list_pretrained, load, load_many, push_to_hub
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -37,4 +39,5 @@ __all__ = [
     "load_native", "save",
     "SAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "SparseLatents", "TopKSAE",
     "build_sae", "make_sae", "register_sae_class",
+    "load", "load_many", "list_pretrained", "push_to_hub",
 ]

@@ -87,7 +87,7 @@ class SAEConfig:
         apply_b_dec_to_input: subtract ``b_dec`` from the (normalised) input before encoding.
         normalize: input normalisation, one of :data:`NORMALIZATIONS`.
         norm_scale: the constant for ``normalize="scale"`` (input multiplied by it, output divided).
-        norm_eps: epsilon of ``standardize``: ``(x - mean) / (std + eps)``.
+        norm_eps: epsilon of ``standardize``: ``(x - mean) / (std + eps)``, undone as ``y * std + mean``.
         skip: the SAE has a linear skip path ``x @ W_skip`` added to its output (skip transcoders).
         reshape: ``"hook_z"`` flattens ``(..., n_heads, d_head)`` inputs to ``d_in`` and restores them.
         sites: where the SAE was trained (several for a multi-layer SAE).

@@ -133,11 +133,11 @@ def test_standardize_normalisation_is_undone():
     sae = randomize(make_sae("relu", D_IN, D_SAE, normalize="standardize"))
     x = x_batch() * 5 + 2
     mu = x.mean(-1, keepdim=True)
-    std = (x - mu).std(-1, keepdim=True) + 1e-5
-    xn = (x - mu) / std
+    std = (x - mu).std(-1, keepdim=True)
+    xn = (x - mu) / (std + 1e-5)
     f = np_relu(xn @ sae.W_enc + sae.b_enc)
     torch.testing.assert_close(sae.encode(x), f)
-    torch.testing.assert_close(sae(x), (f @ sae.W_dec + sae.b_dec) * std + mu)
+    torch.testing.assert_close(sae(x), (f @ sae.W_dec + sae.b_dec) * std + mu)  # undone without eps (SAELens, OpenAI)
 
 
 def test_norm_rescale_and_constant_scale():

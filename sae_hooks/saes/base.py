@@ -133,8 +133,9 @@ class SAE(nn.Module):
         if mode == "standardize":
             mu = x.mean(dim=-1, keepdim=True)
             centred = x - mu
-            std = centred.std(dim=-1, keepdim=True) + self.cfg.norm_eps
-            return centred / std, NormState(scale=std, shift=mu)
+            std = centred.std(dim=-1, keepdim=True)
+            # Undone with std (no eps), as SAELens layer_norm, OpenAI's LN and MLSAE all do.
+            return centred / (std + self.cfg.norm_eps), NormState(scale=std, shift=mu)
         if mode == "norm_rescale":
             norm = x.norm(dim=-1, keepdim=True) / math.sqrt(self.cfg.d_in)
             return x / norm, NormState(scale=norm)

@@ -1,0 +1,229 @@
+"""Gemma Scope 1 (``params.npz``) and Gemma Scope 2 (``params.safetensors`` [+ ``config.json``]) JumpReLU SAEs.
+
+Gemma Scope 1 (``google/gemma-scope-{2b,9b,27b}-pt-{res,mlp,att}``, ``...-transcoders``): ``params.npz`` with
+``W_enc (d_in, d_sae)``, ``W_dec (d_sae, d_out)``, ``b_enc``, ``b_dec``, ``threshold`` -- our layout, no transposes
+(lower-case ``w_*`` accepted). Forward: ``pre = x W_enc + b_enc``; ``f = relu(pre) * 1[pre > threshold]``;
+``x_hat = f W_dec + b_dec``; no input normalisation, ``b_dec`` not subtracted. ``att`` SAEs read ``attn.hook_z``
+flattened (``reshape="hook_z"``). Embedding SAEs were trained on embeddings *before* Gemma's ``sqrt(d_model)``
+scaling, so ``W_enc /= sqrt(d_model)`` and ``W_dec, b_dec *= sqrt(d_model)`` make them read and write the scaled
+``hook_embed``.
+The npz is read with ``allow_pickle=False``.
+
+Gemma Scope 2 (``google/gemma-scope-2-*``): ``params.safetensors`` with ``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``,
+``threshold`` and, for affine transcoders, ``affine_skip_connection (d_in, d_out)`` (our ``W_skip`` as is);
+``config.json`` (optional) with ``architecture: "jump_relu"``, ``model_name``, ``hf_hook_point_in/out``,
+``affine_connection``. Dimensions always come from the tensor shapes, never from folder names.
+
+The hook is inferred from the repo name / path (``res`` / ``mlp`` / ``att`` / ``transcoders``; Gemma Scope 2 folder
+kinds ``resid_post`` / ``mlp_out`` / ``attn_out`` / ``transcoder``) and the layer from ``layer_N``; pass ``hook=``
+(or load through the release registry) when the path does not say it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...config import SAEConfig
+from ...errors import SAEFormatError, UnknownArchitectureError
+from ...saes import SAE
+from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, read_json, read_npz, read_safetensors, tensor
+
+NAME_1 = "gemma_scope"
+NAME_2 = "gemma_scope_2"
+NPZ = "params.npz"
+SAFETENSORS = "params.safetensors"
+CONFIG_2 = "config.json"
+
+_ALIASES = {
+    "W_enc": ("W_enc", "w_enc", "Wenc", "wenc", "W_e", "w_e"),
+    "W_dec": ("W_dec", "w_dec", "Wdec", "wdec", "W_d", "w_d"),
+    "b_enc": ("b_enc", "benc", "b_e"),
+    "b_dec": ("b_dec", "bdec", "b_d"),
+    "threshold": ("threshold",),
+}
+
+
+def detect_1(files: list[str]) -> bool:
+    """``params.npz``."""
+    return NPZ in files
+
+
+def detect_2(files: list[str]) -> bool:
+    """``params.safetensors`` (``config.json`` optional)."""
+    return SAFETENSORS in files
+
+
+def needed_1(files: list[str]) -> list[str]:
+    return [NPZ]
+
+
+def needed_2(files: list[str]) -> list[str]:
+    return [SAFETENSORS] + ([CONFIG_2] if CONFIG_2 in files else [])
+
+
+def _canonical(raw: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for ours, names in _ALIASES.items():
+        key = next((n for n in names if n in raw), None)
+        if key is None:
+            raise SAEFormatError(f"{source}: missing tensor {ours!r} (looked for {list(names)}; present: {sorted(raw)})")
+        out[ours] = raw[key]
+    return out
+
+
+def _shapes(state: dict[str, torch.Tensor], source: str) -> tuple[int, int, int]:
+    W_enc = tensor(state, "W_enc", source, 2)
+    W_dec = tensor(state, "W_dec", source, 2)
+    d_in, d_sae = W_enc.shape
+    if W_dec.shape[0] != d_sae:
+        raise SAEFormatError(f"{source}: W_dec {tuple(W_dec.shape)} does not match W_enc {tuple(W_enc.shape)} "
+                             f"(expected ({d_sae}, d_out))")
+    d_out = W_dec.shape[1]
+    check_shape(state["b_enc"], (d_sae,), "b_enc", source)
+    check_shape(state["b_dec"], (d_out,), "b_dec", source)
+    check_shape(state["threshold"], (d_sae,), "threshold", source)
+    return d_in, d_sae, d_out
+
+
+def _where(opts: LoadOptions, folder: Path) -> str:
+    return "/".join(p for p in (opts.repo_id or "", opts.sae_id or "", str(folder)) if p)
+
+
+def gemma1_hooks(where: str, layer: int | None) -> tuple[str | None, str | None, str]:
+    """(hook, hook_out, reshape) from a Gemma Scope 1 repo/path string."""
+    embedding = re.search(r"(?:^|/)embedding(?:/|$)", where) is not None
+    m = re.search(r"gemma-scope-[\w.-]+?-(res|mlp|att|transcoders)(?:[-/]|$)", where)
+    kind = m.group(1) if m else None
+    if embedding:
+        return "hook_embed", None, "none"
+    if layer is None or kind is None:
+        return None, None, "none"
+    if kind == "res":
+        return f"blocks.{layer}.hook_resid_post", None, "none"
+    if kind == "mlp":
+        return f"blocks.{layer}.hook_mlp_out", None, "none"
+    if kind == "att":
+        return f"blocks.{layer}.attn.hook_z", None, "hook_z"
+    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out", "none"
+
+
+def gemma1_model(where: str) -> str | None:
+    """``google/gemma-2-2b`` from ``gemma-scope-2b-pt-...`` (``-it`` repos: the instruction-tuned model)."""
+    m = re.search(r"gemma-scope-(\d+b)-(pt|it)-", where)
+    if not m:
+        return None
+    return f"google/gemma-2-{m.group(1)}" + ("-it" if m.group(2) == "it" else "")
+
+
+def gemma2_hooks(where: str, layer: int | None, transcoder: bool) -> tuple[str | None, str | None]:
+    if layer is None:
+        return None, None
+    if transcoder or re.search(r"(?:^|/)(transcoder|clt)", where):
+        return f"blocks.{layer}.hook_mlp_in", f"blocks.{layer}.hook_mlp_out"
+    if "resid_post" in where:
+        return f"blocks.{layer}.hook_resid_post", None
+    if "attn_out" in where:
+        return f"blocks.{layer}.attn.hook_z", None
+    if "mlp_out" in where:
+        return f"blocks.{layer}.hook_mlp_out", None
+    return None, None
+
+
+def _layer(where: str) -> int | None:
+    m = re.findall(r"layer_(\d+)", where)
+    return int(m[-1]) if m else None
+
+
+def load_1(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
+    opts = opts or LoadOptions()
+    folder = Path(folder)
+    path = folder / NPZ
+    source = str(path)
+    state = _canonical(read_npz(path, opts.map_location), source)
+    d_in, d_sae, d_out = _shapes(state, source)
+    where = _where(opts, folder)
+    hook, hook_out, reshape = gemma1_hooks(where, _layer(where))
+    hook, hook_out = opts.hook or hook, opts.hook_out or hook_out
+    if opts.hook and "hook_z" in opts.hook:
+        reshape = "hook_z"
+    if hook == "hook_embed" or re.search(r"(?:^|/)embedding(?:/|$)", where):
+        s = math.sqrt(d_in)
+        # Trained on e, read at hook_embed = e * s: pre = e W_enc + b_enc = x (W_enc / s) + b_enc, and the
+        # reconstruction s * (f W_dec + b_dec) = f (s W_dec) + s b_dec. (SAELens scales W_enc and W_dec only,
+        # which is the same up to s * b_dec vs b_dec.)
+        state["W_enc"] = state["W_enc"] / s
+        state["W_dec"] = state["W_dec"] * s
+        state["b_dec"] = state["b_dec"] * s
+    transcoder = bool(hook_out) or d_out != d_in
+    model = opts.model_name or gemma1_model(where)
+    cfg = SAEConfig(
+        architecture="jumprelu",
+        d_in=d_in,
+        d_sae=d_sae,
+        d_out=d_out if transcoder else None,
+        dtype=file_dtype(state, "W_enc"),
+        reshape=reshape,
+        sites=[make_site(hook, hook_out, model)] if hook else [],
+        model_name=model,
+        metadata={"source_format": NAME_1},
+    )
+    return build(cfg, state, source, opts)
+
+
+def read_config_2(raw: dict[str, Any], source: str = CONFIG_2) -> dict[str, Any]:
+    """Validated Gemma Scope 2 ``config.json`` fields."""
+    if not isinstance(raw, dict):
+        raise SAEFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    arch = get(raw, "architecture", str, source, "jump_relu")
+    if arch != "jump_relu":
+        raise UnknownArchitectureError(f"{source}: Gemma Scope 2 architecture {arch!r} is not supported (only 'jump_relu')")
+    return {
+        "model_name": get(raw, "model_name", str, source, None),
+        "hf_hook_point_in": get(raw, "hf_hook_point_in", str, source, None),
+        "hf_hook_point_out": get(raw, "hf_hook_point_out", str, source, None),
+        "affine_connection": get(raw, "affine_connection", bool, source, None),
+    }
+
+
+def load_2(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
+    opts = opts or LoadOptions()
+    folder = Path(folder)
+    path = folder / SAFETENSORS
+    source = str(path)
+    c = read_config_2(read_json(folder / CONFIG_2), str(folder / CONFIG_2)) if (folder / CONFIG_2).exists() else {}
+    raw = read_safetensors(path, opts.map_location)
+    state = _canonical(raw, source)
+    d_in, d_sae, d_out = _shapes(state, source)
+    skip = "affine_skip_connection" in raw
+    if c.get("affine_connection") and not skip:
+        raise SAEFormatError(f"{source}: config says affine_connection but there is no 'affine_skip_connection' tensor")
+    if skip:
+        W_skip = tensor(raw, "affine_skip_connection", source, 2)
+        check_shape(W_skip, (d_in, d_out), "affine_skip_connection", source)
+        state["W_skip"] = W_skip
+    where = _where(opts, folder)
+    hf_in, hf_out = c.get("hf_hook_point_in"), c.get("hf_hook_point_out")
+    transcoder = skip or d_out != d_in or bool(hf_out and hf_in and hf_out != hf_in)
+    hook, hook_out = gemma2_hooks(where, _layer(where), transcoder)
+    hook, hook_out = opts.hook or hook, opts.hook_out or hook_out
+    model = opts.model_name or c.get("model_name")
+    # hf_hook_point_in/out ("model.layers.5.output") name a module's input/output, not a module path: kept in
+    # metadata only.
+    site = make_site(hook, hook_out, model) if hook else None
+    cfg = SAEConfig(
+        architecture="jumprelu",
+        d_in=d_in,
+        d_sae=d_sae,
+        d_out=d_out if transcoder else None,
+        dtype=file_dtype(state, "W_enc"),
+        skip=skip,
+        sites=[site] if site else [],
+        model_name=model,
+        metadata={"source_format": NAME_2, **{k: v for k, v in c.items() if v is not None}},
+    )
+    return build(cfg, state, source, opts)
