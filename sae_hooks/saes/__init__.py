@@ -11,6 +11,11 @@ from .topk import TopKSAE
 for _cls in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE):
     register_sae_class(_cls)
 
+from .multilayer import MultiLayerSAE, make_mlsae  # noqa: E402
+from .jacobian import JacobianSAEPair, attach_pair, make_jsae_pair  # noqa: E402
+
+register_sae_class(MultiLayerSAE)
+
 __all__ = [
     "SAE", "NormState", "SparseLatents", "sparse_decode", "to_dense",
     "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE",

@@ -1,0 +1,14 @@
+"""Training SAEs in place: activation sources, a shuffling buffer, per-architecture losses, a trainer
+feeding many SAEs from one forward pass, and resumable checkpoints. The trainer only sees tensors."""
+
+from .buffer import ShuffleBuffer
+from .checkpoint import load_checkpoint, save_checkpoint
+from .hooks import HookDictHooks, ModuleHooks, SiteHooks, site_hooks
+from .sources import ActivationReader, DiskSource, IteratorSource, LiveSource, capture, pack_texts, token_mask
+from .trainer import Trainer, TrainEntry, TrainSettings, fold_scale, geometric_median, pick_device
+
+__all__ = [
+    "ShuffleBuffer", "load_checkpoint", "save_checkpoint", "HookDictHooks", "ModuleHooks", "SiteHooks",
+    "site_hooks", "ActivationReader", "DiskSource", "IteratorSource", "LiveSource", "capture", "pack_texts",
+    "token_mask", "Trainer", "TrainEntry", "TrainSettings", "fold_scale", "geometric_median", "pick_device",
+]

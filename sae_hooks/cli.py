@@ -1,0 +1,244 @@
+"""``sae-hooks`` command line: ``train``, ``capture``, ``eval``, ``demo``.
+
+Models are Hugging Face causal LMs in a local folder (default: the embedded model); text comes from
+``--texts`` files (each file one document) or, by default, Python's pydoc topics. Sites are module
+paths (``transformer.h.1``). ``train`` can also read activations captured to disk (``--activations``).
+Logging to wandb / tensorboard happens only when asked for and installed (imported lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _texts(files: list[str] | None) -> tuple[list[str], list[str]]:
+    if files:
+        texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+        return texts, texts[:: max(1, len(texts) // 4)] if len(texts) > 1 else texts
+    from .train.demo import pydoc_texts
+
+    return pydoc_texts()
+
+
+def _load_model(path: str | None) -> tuple[Any, Any]:
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:  # pragma: no cover
+        sys.exit("sae-hooks: this command needs transformers (pip install 'sae-hooks[hf]')")
+    if path is None:
+        from .default_model import default_model_path
+
+        path = str(default_model_path())
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _token_batches(tok: Any, texts: list[str], args: argparse.Namespace) -> tuple[list[torch.Tensor], int]:
+    from .train.sources import pack_texts
+
+    bos = tok.bos_token_id if tok.bos_token_id is not None else 0
+    return pack_texts(tok, texts, args.seq_len, args.batch_size, bos), bos
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="folder of a Hugging Face causal LM (default: the embedded model)")
+    p.add_argument("--texts", nargs="*", help="text files (each one document); default: pydoc topics")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+
+
+def _loggers(args: argparse.Namespace):  # noqa: ANN202
+    sinks = []
+    if getattr(args, "wandb", None):
+        try:
+            import wandb
+        except ImportError:
+            print("sae-hooks: --wandb given but wandb is not installed; not logging to wandb", file=sys.stderr)
+        else:
+            run = wandb.init(project=args.wandb, config=vars(args))
+            sinks.append(lambda step, m: run.log(m, step=step))
+    if getattr(args, "tensorboard", None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("sae-hooks: --tensorboard given but tensorboard is not installed", file=sys.stderr)
+        else:
+            writer = SummaryWriter(args.tensorboard)
+            sinks.append(lambda step, m: [writer.add_scalar(k, v, step) for k, v in m.items()])
+    if not sinks:
+        return None
+    return lambda step, m: [s(step, m) for s in sinks]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .saes.registry import make_sae
+    from .train import DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
+    from .train.trainer import pick_device
+
+    device = pick_device(args.device)
+    if args.activations:
+        source = DiskSource(args.activations, args.site or None, shuffle=True, seed=args.seed, epochs=args.epochs)
+        widths = source.manifest["widths"]
+    else:
+        model, tok = _load_model(args.model)
+        model.to(device)
+        texts, _ = _texts(args.texts)
+        batches, bos = _token_batches(tok, texts, args)
+        if not args.site:
+            sys.exit("sae-hooks train: give at least one --site")
+        repeated = [b for _ in range(args.epochs) for b in batches]
+        source = LiveSource(
+            model, args.site, repeated, bos_token_id=bos,
+            autocast_dtype=torch.bfloat16 if args.bf16 else None,
+        )
+        widths = {s: t.shape[-1] for s, t in source.reader.read(batches[0][:1]).items()}  # one tiny forward
+    buffer = ShuffleBuffer(source, batch_tokens=args.batch_tokens, size_tokens=args.buffer_tokens, seed=args.seed, device=device)
+    entries = []
+    for site in source.sites:
+        d_in = int(widths[site])
+        d_sae = args.d_sae or d_in * args.expansion
+        for seed in args.seeds:
+            extra = {"k": args.k} if args.arch in ("topk", "batchtopk") else {}
+            sae = make_sae(args.arch, d_in, d_sae, **extra)
+            settings = TrainSettings(lr=args.lr, seed=seed, l1_coefficient=args.l1, l0_coefficient=args.l0,
+                                     dead_tokens=args.dead_tokens, warmup_steps=args.warmup)
+            name = f"{site}-{args.arch}-s{seed}".replace("/", "_")
+            entries.append(TrainEntry(name, site, sae, settings, device=device))
+    trainer = Trainer(entries, autocast_dtype=torch.bfloat16 if args.bf16 else None)
+    if args.resume:
+        load_checkpoint(trainer, args.resume, buffer)
+    trainer.fit(
+        buffer, max_steps=args.steps, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress, log=_loggers(args),
+    )
+    paths = trainer.save(args.out)
+    for e in trainer.entries:
+        print(f"{e.name}: {e.state.tokens_seen:,} tokens, {json.dumps({k: round(v, 5) for k, v in e.state.metrics.items()})} -> {paths[e.name]}")
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from .train.sources import capture
+
+    model, tok = _load_model(args.model)
+    texts, _ = _texts(args.texts)
+    batches, bos = _token_batches(tok, texts, args)
+    if args.max_batches:
+        batches = batches[: args.max_batches]
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="capturing", unit="tok", unit_scale=True)
+    out = capture(model, args.site, batches, args.out, shard_tokens=args.shard_tokens, bos_token_id=bos,
+                  progress=bar.update if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    from .train.sources import read_manifest
+
+    m = read_manifest(out)
+    print(f"wrote {m['tokens']:,} tokens x {len(m['sites'])} site(s) in {len(m['shards'])} shard(s) to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .metrics import hooks_splice_runner, reconstruction_metrics, splice_metrics
+    from .native import load
+    from .train.sources import ActivationReader
+
+    sae = load(args.sae).eval()
+    site = args.site or (sae.cfg.sites[0].module if sae.cfg.sites else None)
+    if not site:
+        sys.exit("sae-hooks eval: the SAE names no module site; pass --site")
+    model, tok = _load_model(args.model)
+    _, held = _texts(args.texts)
+    batches, bos = _token_batches(tok, held, args)
+    batches = batches[: args.batches]
+    reader = ActivationReader(model, [site], bos_token_id=bos)
+    result = reconstruction_metrics(sae, [reader.read(b)[site] for b in batches])
+    result.update(splice_metrics(hooks_splice_runner(model, site, bos_token_id=bos), sae, batches))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .train.demo import DemoConfig, run_demo
+
+    torch.set_num_threads(args.threads)
+    run_demo(DemoConfig(steps=args.steps), progress=not args.no_progress, out_dir=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sae-hooks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train SAEs in place (live model) or on captured activations")
+    _add_text_args(t)
+    t.add_argument("--activations", help="folder written by `sae-hooks capture` (instead of a live model)")
+    t.add_argument("--site", action="append", help="module path to train at (repeatable)")
+    t.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "gated"])
+    t.add_argument("--d-sae", type=int)
+    t.add_argument("--expansion", type=int, default=8)
+    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--batch-tokens", type=int, default=4096)
+    t.add_argument("--buffer-tokens", type=int, default=2**16)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--l1", type=float, default=5.0)
+    t.add_argument("--l0", type=float, default=0.5)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--dead-tokens", type=int, default=10_000_000)
+    t.add_argument("--seeds", type=int, nargs="+", default=[0])
+    t.add_argument("--seed", type=int, default=0, help="buffer / data shuffling seed")
+    t.add_argument("--out", required=True)
+    t.add_argument("--checkpoint-dir")
+    t.add_argument("--checkpoint-every", type=int)
+    t.add_argument("--resume", help="checkpoint folder to resume from")
+    t.add_argument("--device")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast for the model and the SAEs")
+    t.add_argument("--wandb", metavar="PROJECT")
+    t.add_argument("--tensorboard", metavar="LOGDIR")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("capture", help="save activations at sites as safetensors shards")
+    _add_text_args(c)
+    c.add_argument("--site", action="append", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--shard-tokens", type=int, default=2**16)
+    c.add_argument("--max-batches", type=int)
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=cmd_capture)
+
+    e = sub.add_parser("eval", help="FVU, L0, dead %%, CE loss recovered, KL of a saved SAE")
+    _add_text_args(e)
+    e.add_argument("sae", help="native SAE folder")
+    e.add_argument("--site", help="module path (default: the SAE's cfg.sites)")
+    e.add_argument("--batches", type=int, default=4)
+    e.set_defaults(fn=cmd_eval)
+
+    d = sub.add_parser("demo", help="train a TopK SAE on the embedded model and report metrics")
+    d.add_argument("--steps", type=int, default=200)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--out", help="also save the SAE here")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

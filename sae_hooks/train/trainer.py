@@ -1,0 +1,473 @@
+"""The trainer: several ``(site, SAE, settings, seed)`` entries fed from one batch per site.
+
+One source batch (e.g. one forward pass of a live model with hooks at several sites) feeds every
+entry; each entry has its own optimiser (Adam), learning-rate schedule, dead-latent counters and
+random generator, so training N SAEs together gives exactly what training each alone on the same
+activations gives.
+
+>>> trainer = Trainer([TrainEntry("l1", "transformer.h.1", make_sae("topk", 64, 512, k=16))])
+>>> trainer.fit(ShuffleBuffer(LiveSource(model, ["transformer.h.1"], batches)), max_steps=1000)
+>>> trainer.save("out/")            # native format, training metadata in cfg.metadata
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import Site
+from ..errors import ConfigError, ShapeMismatchError
+from ..saes.base import SAE
+from . import losses
+
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+NORMALIZE_MODES = ("scale", "none")
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of one SAE's training (every field is JSON-serialisable).
+
+    Attributes:
+        lr: Adam learning rate; ``None`` = ``2e-4 / sqrt(d_sae / 2**14)`` (sparsify's Adam default).
+        warmup_steps: linear warm-up from 0.
+        decay_fraction: linear decay to 0 over this final fraction of ``total_steps`` (needs it).
+        total_steps: length of the run, for the decay (``Trainer.fit(max_steps=...)`` fills it in).
+        l1_coefficient: ``relu``/``gated`` sparsity weight. ``l0_coefficient``: ``jumprelu``.
+        sparsity_warmup_steps: the sparsity coefficient rises linearly from 0 over these steps.
+        bandwidth, init_threshold: JumpReLU's ε and initial θ.
+        aux_k, aux_coefficient: AuxK for ``topk``/``batchtopk`` (0 disables it).
+        dead_tokens: a latent is dead after this many tokens without firing.
+        threshold_lr: BatchTopK threshold EMA rate.
+        unit_norm_decoder: keep decoder rows at unit norm and remove the gradient parallel to them;
+            ``None`` = on for ``topk``, ``batchtopk``, ``jumprelu``, ``gated`` (as in their papers),
+            off for ``relu`` (whose L1 is weighted by decoder norms instead).
+        decoder_init_norm: decoder row norm at init (encoder = decoder transposed); ``None`` = 1 with
+            unit-norm decoders, 0.1 otherwise (Anthropic's April 2024 init).
+        b_dec_init: ``geometric_median`` | ``mean`` | ``zeros`` of the first batch.
+        normalize: ``scale``: multiply inputs by a constant (from the first batch) so that
+            ``E||x||² = d_in``; stored as ``cfg.normalize="scale"`` during training and folded into the
+            weights at :meth:`Trainer.save` when ``fold_normalization``.
+        seed: initialises the weights.
+    """
+
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    total_steps: int | None = None
+    grad_clip: float | None = None
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 0.5
+    sparsity_warmup_steps: int = 0
+    bandwidth: float = 0.05
+    init_threshold: float = 1.0
+    aux_k: int = 256
+    aux_coefficient: float = 1 / 32
+    dead_tokens: int = 10_000_000
+    threshold_lr: float = 0.01
+    unit_norm_decoder: bool | None = None
+    decoder_init_norm: float | None = None
+    b_dec_init: str = "geometric_median"
+    normalize: str = "scale"
+    fold_normalization: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ConfigError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ConfigError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm on the rows of ``x (N, d)``, started at the mean; returns ``(d,)``."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=-1).clamp_min(1e-8)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - y).norm() <= tol * y.norm().clamp_min(1e-12):
+            y = new
+            break
+        y = new
+    return y
+
+
+@dataclass
+class EntryState:
+    step: int = 0
+    tokens_seen: int = 0
+    skipped: int = 0
+    initialised: bool = False
+    mse_scale: float = 1.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TrainEntry:
+    """One SAE being trained at ``site`` with ``settings``.
+
+    ``init_weights=True`` re-initialises the SAE's weights from ``settings.seed`` (same seed, same
+    architecture and shape ⇒ the same initial weights at every site).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        site: str,
+        sae: SAE,
+        settings: TrainSettings | None = None,
+        init_weights: bool = True,
+        device: str | torch.device | None = None,
+    ):
+        self.name, self.site = name, site
+        self.settings = settings or TrainSettings()
+        if device is not None:
+            sae = sae.to(device)
+        self.sae = sae
+        self.state = EntryState()
+        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
+        arch = sae.cfg.architecture
+        if arch not in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
+            raise ConfigError(f"training is implemented for relu, topk, batchtopk, jumprelu, gated; not {arch!r}")
+        if sae.cfg.is_transcoder:
+            raise ConfigError(f"entry {name!r}: training transcoders is not supported yet")
+        s = self.settings
+        self.unit_norm = s.unit_norm_decoder if s.unit_norm_decoder is not None else arch in ("topk", "batchtopk", "jumprelu", "gated")
+        if init_weights:
+            self._init_weights()
+        lr = s.lr if s.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
+        self.base_lr = lr
+        params = [p for p in sae.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=lr, betas=s.betas, eps=s.eps)
+        if not sae.cfg.sites:
+            kind = "hook" if site.rsplit(".", 1)[-1].startswith("hook_") else "module"
+            sae.cfg = sae.cfg.replace(sites=[Site(**{kind: site})])
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        sae, s = self.sae, self.settings
+        g = torch.Generator().manual_seed(s.seed)
+        sae.reset_parameters(generator=g)
+        norm = s.decoder_init_norm if s.decoder_init_norm is not None else (1.0 if self.unit_norm else 0.1)
+        sae.W_dec.mul_(norm)
+        if sae.cfg.output_dim == sae.cfg.d_in:
+            sae.W_enc.copy_(sae.W_dec.T)
+        if sae.cfg.architecture == "jumprelu":
+            sae.threshold.fill_(s.init_threshold)
+
+    # Schedules -----------------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        s = self.settings
+        factor = min(1.0, (step + 1) / s.warmup_steps) if s.warmup_steps > 0 else 1.0
+        if s.total_steps and s.decay_fraction > 0:
+            decay_start = s.total_steps * (1 - s.decay_fraction)
+            if step >= decay_start:
+                factor *= max(0.0, (s.total_steps - step) / (s.total_steps - decay_start))
+        return self.base_lr * factor
+
+    def sparsity_factor(self, step: int) -> float:
+        n = self.settings.sparsity_warmup_steps
+        return min(1.0, (step + 1) / n) if n > 0 else 1.0
+
+    @property
+    def dead(self) -> Tensor:
+        return self.tokens_since_fired > self.settings.dead_tokens
+
+    # Data-dependent initialisation ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def _first_batch(self, x: Tensor) -> None:
+        sae, s = self.sae, self.settings
+        if s.normalize == "scale" and sae.cfg.normalize == "none":
+            c = math.sqrt(sae.cfg.d_in / x.double().pow(2).sum(-1).mean().clamp_min(1e-30).item())
+            sae.cfg = sae.cfg.replace(normalize="scale", norm_scale=c)
+        xn, _ = sae.normalize_input(x.to(sae.dtype))
+        if s.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(xn).to(sae.dtype))
+        elif s.b_dec_init == "mean":
+            sae.b_dec.copy_(xn.mean(0))
+        var = (xn - xn.mean(0)).double().pow(2).sum(-1).mean().item()
+        self.state.mse_scale = 1.0 / max(var, 1e-30)
+        self.state.initialised = True
+
+    # One step ------------------------------------------------------------------------------------
+
+    def loss(self, xn: Tensor) -> losses.LossOutput:
+        sae, s, step = self.sae, self.settings, self.state.step
+        arch = sae.cfg.architecture
+        sp = self.sparsity_factor(step)
+        if arch == "relu":
+            return losses.relu_loss(sae, xn, s.l1_coefficient * sp)
+        if arch == "gated":
+            return losses.gated_loss(sae, xn, s.l1_coefficient * sp)
+        if arch == "jumprelu":
+            return losses.jumprelu_loss(sae, xn, s.l0_coefficient * sp, s.bandwidth)
+        if arch == "topk":
+            return losses.topk_loss(sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient)
+        return losses.batchtopk_loss(
+            sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, s.threshold_lr, step == 0
+        )
+
+    def train_step(self, x: Tensor, autocast_dtype: torch.dtype | None = None) -> dict[str, float] | None:
+        """One optimiser step on ``x (N, d_in)``; ``None`` (and no change at all) for a non-finite batch."""
+        sae = self.sae
+        if x.dim() != 2 or x.shape[-1] != sae.cfg.d_in:
+            raise ShapeMismatchError(f"entry {self.name!r} (site {self.site!r}) expects (N, {sae.cfg.d_in}) batches, got {tuple(x.shape)}")
+        x = x.to(device=sae.device, dtype=sae.dtype)
+        if not bool(torch.isfinite(x).all()):
+            return self._skip("the batch contains NaN/inf")
+        if not self.state.initialised:
+            self._first_batch(x)
+        xn, _ = sae.normalize_input(x)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.state.step)
+        ctx = torch.autocast(sae.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+        with ctx:
+            out = self.loss(xn)
+        if not bool(torch.isfinite(out.loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip("the loss is NaN/inf")
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.unit_norm:
+            _remove_parallel_grad(sae)
+        if self.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            if self.unit_norm:
+                sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            if sae.cfg.architecture == "jumprelu":
+                sae.threshold.clamp_(min=0.0)
+            n = x.shape[0]
+            self.tokens_since_fired.add_(n).masked_fill_(out.fired, 0)
+            var = (xn - xn.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-30)
+            metrics = {
+                "loss": out.loss.item(),
+                "mse": out.mse.item(),
+                "aux": out.aux.item(),
+                "fvu": (out.mse / var).item(),
+                "l0": out.l0.item(),
+                "dead_fraction": self.dead.float().mean().item(),
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        self.state.step += 1
+        self.state.tokens_seen += n
+        self.state.metrics = metrics
+        return metrics
+
+    def _skip(self, why: str) -> None:
+        self.state.skipped += 1
+        warnings.warn(f"entry {self.name!r} (site {self.site!r}): skipped a batch because {why}", RuntimeWarning, stacklevel=3)
+        return None
+
+    # Output --------------------------------------------------------------------------------------
+
+    def final_sae(self) -> SAE:
+        """A copy of the SAE for inference: normalisation folded (if asked), training metadata set."""
+        sae = copy.deepcopy(self.sae)
+        if self.settings.fold_normalization and sae.cfg.normalize == "scale" and self.state.initialised:
+            fold_scale(sae)
+        meta = dict(sae.cfg.metadata)
+        meta["training"] = {
+            "site": self.site,
+            "steps": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "skipped_batches": self.state.skipped,
+            "dead_fraction": self.dead.float().mean().item(),
+            "final_metrics": self.state.metrics,
+            "settings": self.settings.to_dict(),
+            "library": "sae_hooks",
+        }
+        sae.cfg = sae.cfg.replace(metadata=meta)
+        return sae
+
+
+@torch.no_grad()
+def fold_scale(sae: SAE) -> None:
+    """Fold ``normalize="scale"`` (inputs multiplied by ``c``) into the weights; same function after.
+
+    ``pre = (c·x − b_dec) W_enc = (x − b_dec/c)(c·W_enc)`` and ``x_hat = (f W_dec + b_dec)/c``; thresholds,
+    gates and the skip path are unchanged.
+    """
+    c = float(sae.cfg.norm_scale)  # type: ignore[arg-type]
+    sae.W_enc.mul_(c)
+    sae.W_dec.div_(c)
+    sae.b_dec.div_(c)
+    sae.cfg = sae.cfg.replace(normalize="none", norm_scale=None)
+
+
+def _remove_parallel_grad(sae: SAE) -> None:
+    W, g = sae.W_dec, sae.W_dec.grad
+    if g is None:
+        return
+    unit = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    g.sub_((g * unit).sum(-1, keepdim=True) * unit)
+
+
+# The multi-SAE trainer ----------------------------------------------------------------------------
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA, then MPS, then CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Feeds one batch per site to every entry at that site.
+
+    Args:
+        entries: the SAEs to train (unique names).
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the SAE forward under autocast (GPU).
+    """
+
+    def __init__(self, entries: Sequence[TrainEntry], autocast_dtype: torch.dtype | None = None):
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"entry names must be unique, got {names}")
+        if any("/" in n or n.startswith(".") for n in names):
+            raise ConfigError(f"entry names are folder names: no '/' or leading '.', got {names}")
+        self.entries = list(entries)
+        self.autocast_dtype = autocast_dtype
+        self.step_count = 0
+        self.tokens_seen = 0
+        self.sites = sorted({e.site for e in self.entries})
+
+    def entry(self, name: str) -> TrainEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    def step(self, batch: dict[str, Tensor] | Tensor) -> dict[str, dict[str, float] | None]:
+        """One step of every entry; ``batch`` maps each site to ``(N, d)`` (a bare tensor: one site)."""
+        if isinstance(batch, Tensor):
+            if len(self.sites) != 1:
+                raise ConfigError(f"a bare tensor batch is ambiguous with sites {self.sites}; pass a dict")
+            batch = {self.sites[0]: batch}
+        missing = [s for s in self.sites if s not in batch]
+        if missing:
+            raise ConfigError(f"batch lacks sites {missing} (has {sorted(batch)})")
+        out = {e.name: e.train_step(batch[e.site], self.autocast_dtype) for e in self.entries}
+        self.step_count += 1
+        self.tokens_seen += int(next(iter(batch.values())).shape[0])
+        return out
+
+    def fit(
+        self,
+        data: Any,
+        max_steps: int | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        progress: bool = False,
+        log: Callable[[int, dict[str, Any]], None] | None = None,
+        log_every: int = 10,
+    ) -> Trainer:
+        """Train until ``max_steps`` (counted from the start of the run, so a resumed run stops at the
+        same place) or until ``data`` runs out. ``data`` is a :class:`~.buffer.ShuffleBuffer` (or any
+        object with ``next_batch()``) or an iterable of batches; only a buffer can be checkpointed."""
+        if max_steps is not None:
+            for e in self.entries:
+                if e.settings.total_steps is None:
+                    e.settings.total_steps = max_steps
+        next_batch = data.next_batch if hasattr(data, "next_batch") else iter(data).__next__
+        bar = _progress_bar(progress, max_steps, self.step_count)
+        t0, tok0 = time.perf_counter(), self.tokens_seen
+        try:
+            while max_steps is None or self.step_count < max_steps:
+                try:
+                    batch = next_batch()
+                except StopIteration:
+                    batch = None
+                if batch is None:
+                    break
+                results = self.step(batch)
+                if bar is not None:
+                    bar.update(1)
+                    if self.step_count % log_every == 0:
+                        rate = (self.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix(_summary(results, rate), refresh=False)
+                if log is not None and self.step_count % log_every == 0:
+                    log(self.step_count, _flat_metrics(results))
+                if checkpoint_dir is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
+                    from .checkpoint import save_checkpoint
+
+                    save_checkpoint(self, checkpoint_dir, data if hasattr(data, "state_dict") else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self
+
+    def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """Save every entry's SAE (native format) to ``out_dir/<name>``; returns the paths."""
+        out = Path(out_dir)
+        paths = {}
+        for e in self.entries:
+            sae = e.final_sae()
+            sae.save(out / e.name)
+            paths[e.name] = out / e.name
+        return paths
+
+
+def _summary(results: dict[str, dict[str, float] | None], rate: float) -> dict[str, str]:
+    ok = [m for m in results.values() if m]
+    post = {"tok/s": f"{rate:,.0f}"}
+    if ok:
+        for key in ("loss", "l0", "fvu"):
+            post[key] = f"{sum(m[key] for m in ok) / len(ok):.3g}"
+    return post
+
+
+def _flat_metrics(results: dict[str, dict[str, float] | None]) -> dict[str, float]:
+    return {f"{name}/{k}": v for name, m in results.items() if m for k, v in m.items()}
+
+
+def _progress_bar(enabled: bool, total: int | None, initial: int):  # noqa: ANN202
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, initial=initial, desc="training SAEs", unit="step", dynamic_ncols=True)
+
+
+def train_on_tensors(entries: Sequence[TrainEntry], batches: Iterable[Tensor | dict[str, Tensor]], **fit_kwargs: Any) -> Trainer:
+    """Convenience: ``Trainer(entries).fit(batches)``."""
+    return Trainer(entries).fit(batches, **fit_kwargs)

@@ -1,0 +1,78 @@
+"""Planted-dictionary recovery: d=32, 64 unit features, 3 active per sample (magnitudes U[0.5, 1.5]).
+
+Metric: for each planted feature, the max cosine similarity with any decoder row; averaged over the
+64 features ("mean max cosine similarity", MMCS). Threshold 0.9.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_hooks import make_sae
+from sae_hooks.train import Trainer, TrainEntry, TrainSettings
+
+D_IN, N_FEATURES, ACTIVE = 32, 64, 3
+
+
+def planted_dictionary(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(N_FEATURES, D_IN, generator=g)
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+def planted_batches(dictionary: torch.Tensor, n: int, batch: int, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        idx = torch.rand(batch, N_FEATURES, generator=g).argsort(-1)[:, :ACTIVE]
+        mag = torch.rand(batch, ACTIVE, generator=g) + 0.5
+        yield torch.zeros(batch, N_FEATURES).scatter(1, idx, mag) @ dictionary
+
+
+def mmcs(dictionary: torch.Tensor, W_dec: torch.Tensor) -> float:
+    W = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    return (dictionary @ W.T).max(-1).values.mean().item()
+
+
+CASES = {
+    "topk": (dict(k=3), TrainSettings(lr=3e-3)),
+    "relu": ({}, TrainSettings(lr=3e-3, l1_coefficient=1.5)),
+    "jumprelu": ({}, TrainSettings(lr=1e-2, l0_coefficient=0.5, init_threshold=1.0, bandwidth=0.05)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_planted_features_recovered(arch: str) -> None:
+    torch.manual_seed(0)
+    dictionary = planted_dictionary()
+    extra, settings = CASES[arch]
+    sae = make_sae(arch, D_IN, 128, **extra)
+    entry = TrainEntry(arch, "x", sae, settings)
+    steps = 600
+    Trainer([entry]).fit(planted_batches(dictionary, steps, 256), max_steps=steps)
+    score = mmcs(dictionary, sae.W_dec.detach())
+    print(f"{arch}: MMCS {score:.4f}, metrics {entry.state.metrics}")
+    assert score >= 0.9, f"{arch} recovered planted features with MMCS {score:.3f} < 0.9"
+    # A random decoder scores far lower: the test can fail.
+    assert mmcs(dictionary, torch.randn(128, D_IN)) < 0.7
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "gated"])
+def test_other_architectures_learn(arch: str) -> None:
+    """BatchTopK and Gated train, reduce FVU well below 1, and have sane sparsity. (Planted recovery is
+    not asserted for them: in 600 steps BatchTopK reaches MMCS ~0.96, Gated only ~0.63.)"""
+    dictionary = planted_dictionary()
+    extra = dict(k=3) if arch == "batchtopk" else dict(apply_b_dec_to_input=True)
+    sae = make_sae(arch, D_IN, 128, **extra)
+    entry = TrainEntry(arch, "x", sae, TrainSettings(lr=3e-3, l1_coefficient=3.0))
+    Trainer([entry]).fit(planted_batches(dictionary, 600, 256), max_steps=600)
+    m = entry.state.metrics
+    print(f"{arch}: MMCS {mmcs(dictionary, sae.W_dec.detach()):.4f}, metrics {m}")
+    assert m["fvu"] < 0.3
+    assert m["l0"] < 20
+    if arch == "batchtopk":
+        # Inference with the learned threshold gives about k active latents per token.
+        x = next(planted_batches(dictionary, 1, 2048, seed=9))
+        f = entry.final_sae().encode(x)
+        assert 1.5 <= (f > 0).sum(-1).float().mean().item() <= 6
+        assert float(sae.threshold) > 0
