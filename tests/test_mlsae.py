@@ -1,0 +1,144 @@
+"""Multi-layer SAE: formula, save/load, attach to all layers vs layer by layer, in-place training and
+per-layer evals on the embedded model."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import torch
+
+from conftest import build_tl_model
+from sae_hooks import load_native, save
+from sae_hooks.saes import MultiLayerSAE, make_mlsae
+from sae_hooks.saes.multilayer import zero_special_tokens
+
+
+def _randomized(d=8, layers=3, d_sae=24, k=4, seed=0) -> MultiLayerSAE:
+    sae = make_mlsae(d, layers, d_sae=d_sae, k=k, seed=seed)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(d, generator=torch.Generator().manual_seed(seed + 1)))
+    return sae
+
+
+def test_formula_no_encoder_bias_standardised():
+    sae = _randomized()
+    assert not hasattr(sae, "b_enc") and set(sae.state_dict()) == {"W_enc", "W_dec", "b_dec"}
+    assert [s.hook for s in sae.cfg.sites] == [f"blocks.{i}.hook_resid_post" for i in range(3)] and sae.layers == [0, 1, 2]
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(24))  # unit-norm, tied init
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    x = torch.randn(3, 5, 8) * 4 + 2  # (layers, tokens, d)
+    mu = x.mean(-1, keepdim=True)
+    sigma = (x - mu).std(-1, keepdim=True)  # unbiased
+    xs = (x - mu) / (sigma + 1e-5)
+    pre = (xs - sae.b_dec) @ sae.W_enc
+    v, i = pre.topk(4, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, i, v.relu())
+    torch.testing.assert_close(sae.encode(x), f)
+    torch.testing.assert_close(sae(x), (f @ sae.W_dec + sae.b_dec) * sigma + mu)  # undone without eps (methods.md §1.1)
+    lat, _ = sae.encode_layers(x)
+    torch.testing.assert_close(lat.to_dense(), f)
+
+
+def test_zero_special_tokens():
+    x = torch.randn(2, 1, 4, 3)
+    tokens = torch.tensor([[0, 5, 7, 0]])
+    z = zero_special_tokens(x, tokens, [0])
+    assert (z[:, :, [0, 3]] == 0).all() and torch.equal(z[:, :, [1, 2]], x[:, :, [1, 2]])
+    sae = _randomized(d=3, d_sae=8, k=2)
+    assert sae(torch.zeros(4, 3)).abs().max() < 1e-4  # a zeroed residual reconstructs to ~0: no error
+
+
+def test_save_load_roundtrip_exact(tmp_path):
+    sae = _randomized()
+    save(sae, tmp_path / "mlsae")
+    back = load_native(tmp_path / "mlsae")
+    assert type(back) is MultiLayerSAE and back.cfg == sae.cfg
+    assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), back.state_dict().values()))
+    x = torch.randn(3, 7, 8)
+    assert torch.equal(back(x), sae(x))
+
+
+@pytest.mark.parametrize("kind", ["bridge_hf", "bridge_native"])
+def test_all_layers_equals_layer_by_layer(kind):
+    model = build_tl_model(kind)
+    from sae_hooks.adapters.transformer_lens import attach
+
+    attach(model)
+    sae = _randomized(d=32, layers=2, d_sae=64, k=6)
+    tokens = torch.randint(1, 100, (2, 10))
+    with torch.no_grad():
+        clean_logits, clean = model.run_with_cache(tokens)
+        att = model.add_sae(sae, splice=False)  # all of its sites at once
+        assert att.sites == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+        _, cache = model.run_with_cache(tokens)
+        att.remove()
+        for layer in range(2):
+            site = f"blocks.{layer}.hook_resid_post"
+            together = cache[f"{site}.hook_sae_acts_post"]
+            torch.testing.assert_close(together, sae.encode(clean[site]))  # the formula on the true residual
+            one = model.add_sae(sae, hook=site, splice=False)
+            _, c1 = model.run_with_cache(tokens)
+            one.remove()
+            assert torch.equal(c1[f"{site}.hook_sae_acts_post"], together)
+        # splice at one layer only: the next layer sees the reconstruction, the earlier one is clean
+        with model.saes(sae, hook="blocks.0.hook_resid_post"):
+            _, spliced = model.run_with_cache(tokens)
+        torch.testing.assert_close(spliced["blocks.0.hook_resid_post"], sae(clean["blocks.0.hook_resid_post"]))
+        torch.testing.assert_close(spliced["blocks.0.hook_resid_pre"], clean["blocks.0.hook_resid_pre"])
+        assert not torch.allclose(spliced["blocks.1.hook_resid_post"], clean["blocks.1.hook_resid_post"])
+        torch.testing.assert_close(model(tokens), clean_logits)  # nothing left attached
+
+
+def _texts() -> list[str]:
+    out = []
+    for name in ["collections", "json", "os", "re", "inspect", "argparse", "functools", "itertools", "logging",
+                 "textwrap", "string", "datetime", "pathlib", "typing", "subprocess"]:
+        mod = importlib.import_module(name)
+        for _, obj in sorted(vars(mod).items()):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == mod.__name__:
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 80:
+                    out.append(doc)
+    return out
+
+
+def test_train_in_place_and_evaluate_on_embedded_model():
+    transformers = pytest.importorskip("transformers")
+    try:
+        from sae_hooks.default_model import default_model_path
+
+        path = str(default_model_path())
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"embedded model not available: {e}")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from sae_hooks.multilayer_metrics import layer_profile, mlsae_fvu_per_layer, mlsae_layerwise_ce
+    from sae_hooks.train import pack_texts
+    from sae_hooks.train.mlsae import mlsae_batches, train_mlsae
+
+    torch.manual_seed(0)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = TransformerBridge.boot_transformers(path, device="cpu")
+    n_layers, d = model.cfg.n_layers, model.cfg.d_model
+    batches = pack_texts(tok, _texts(), seq_len=64, batch_size=4, bos_token_id=0)
+    train, held_out = batches[:-4], torch.cat(batches[-4:])
+    sae = make_mlsae(d, n_layers, expansion_factor=2, k=8, seed=0)
+    x_test = next(mlsae_batches(model, sae, [held_out], special_token_ids=[0]))
+    assert x_test.shape == (n_layers, held_out.numel(), d)
+    assert (x_test[:, held_out.reshape(-1) == 0] == 0).all()  # special tokens zeroed at every layer
+    fvu_init = mlsae_fvu_per_layer(sae, x_test)
+    hist = train_mlsae(model, sae, train[:60], special_token_ids=[0], lr=3e-3)
+    assert len(hist) == 60 and len(hist[-1]["fvu"]) == n_layers
+    fvu = mlsae_fvu_per_layer(sae, x_test)
+    ce = mlsae_layerwise_ce(model, sae, held_out, special_token_ids=[0])
+    lat, _ = sae.encode_with_state(x_test)
+    profile = layer_profile(lat)
+    print(f"\nMLSAE FVU per layer: init {[round(v, 3) for v in fvu_init]} -> trained {[round(v, 3) for v in fvu]}")
+    print("MLSAE per layer ΔCE / KL:", [(round(r["delta_ce"], 4), round(r["kl"], 4)) for r in ce],
+          "clean CE", round(ce[0]["ce_clean"], 3))
+    print("layer profile:", {k: round(v, 4) for k, v in profile.items()})
+    assert all(a < 0.6 * b for a, b in zip(fvu, fvu_init)) and max(fvu) < 0.5
+    assert all(r["kl"] >= 0 for r in ce) and len(ce) == n_layers
+    assert 0 <= profile["single_layer_share_per_token"] <= 1 and 0 <= profile["single_layer_share_across_tokens"] <= 1
