@@ -16,6 +16,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
+#: What some examples must print (their own asserts check the rest).
+EXPECTED_OUTPUT = {
+    "loading.md": [
+        "saelens",
+        "['blocks.3.hook_resid_pre', 'layer_4/width_16k/average_l0_20']",
+        "jumprelu model.layers.4",
+    ],
+}
+
 
 def python_blocks(path: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
@@ -33,3 +42,5 @@ def test_doc_examples_run(doc, tmp_path):
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")},
     )
     assert result.returncode == 0, f"{doc.name} example failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    for expected in EXPECTED_OUTPUT.get(doc.name, []):
+        assert expected in result.stdout, f"{doc.name}: {expected!r} not printed:\n{result.stdout[-3000:]}"

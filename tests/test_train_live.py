@@ -148,14 +148,3 @@ def test_cli_capture_train_eval(tmp_path, capsys) -> None:
     assert main(["eval", str(tmp_path / "out" / saved[0]), "--seq-len", "64", "--batch-size", "4", "--batches", "1"]) == 0
     out = capsys.readouterr().out
     assert "ce_loss_recovered" in out and "wrote" in out
-
-
-def test_docs_training_example_runs() -> None:
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).parents[1] / "docs" / "training.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks
-    for code in blocks:
-        exec(compile(code, "docs/training.md", "exec"), {})
