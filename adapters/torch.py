@@ -41,7 +41,6 @@ import fnmatch
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from sae_hooks import hooknames

@@ -88,7 +88,6 @@ def saelens(x, st, cfg):
     """SAELens v6 SAE.forward for standard/topk/jumprelu/gated/(skip_)transcoder and its runtime normalisations."""
     arch = cfg["architecture"]
     norm = cfg.get("normalize_activations", "none")
-    state = {}
     if norm == "constant_norm_rescale":
         c = np.sqrt(cfg["d_in"]) / np.linalg.norm(x, axis=-1, keepdims=True)
         xin = x * c

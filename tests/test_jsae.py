@@ -13,7 +13,6 @@ import torch
 from sae_hooks.errors import ConfigError, SAEFormatError
 from sae_hooks.jacobian import FrozenMLP
 from sae_hooks.saes import JacobianSAEPair, attach_pair, make_jsae_pair
-from sae_hooks.saes.base import SparseLatents
 
 transformers = pytest.importorskip("transformers")
 

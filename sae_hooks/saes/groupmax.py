@@ -13,7 +13,6 @@ from torch import Tensor
 from ..config import SAEConfig
 from ..errors import ConfigError
 from .base import SAE, SparseLatents
-from .registry import register_sae_class
 
 
 class GroupMaxSAE(SAE):
@@ -33,4 +32,3 @@ class GroupMaxSAE(SAE):
         return SparseLatents(torch.relu(values), idx + offsets, self.cfg.d_sae)
 
 
-register_sae_class(GroupMaxSAE)

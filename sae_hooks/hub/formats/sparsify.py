@@ -30,7 +30,6 @@ from typing import Any, Callable
 from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
-from ...saes import groupmax as _groupmax  # noqa: F401 - registers the "groupmax" architecture
 from ._common import (
     LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, read_json, read_safetensors, t_, tensor,
 )
