@@ -194,11 +194,14 @@ class SiteIntervention:
         edited_recon = recon if delta is None else recon + delta
         if record.wants("hook_sae_recons"):
             edited_recon = record("hook_sae_recons", edited_recon)
-        error = target_flat.to(recon.dtype) - recon
-        if self.detach_error:
-            error = error.detach()
-        if record.wants("hook_sae_error"):
-            record("hook_sae_error", error)
+        error = None
+        wants_error = record.wants("hook_sae_error")
+        if wants_error or (self.splice and self.error_term):  # not computed when nobody needs it
+            error = target_flat.to(recon.dtype) - recon
+            if self.detach_error:
+                error = error.detach()
+            if wants_error:
+                record("hook_sae_error", error)
 
         if not self.splice:
             if delta is None and steer is None and edited_recon is recon:

@@ -135,3 +135,45 @@ def test_wrong_path_error_and_no_leak_after_exception_in_trace(model, sae):
     assert not model.sae_manager.attachments and not model.sae_taps
     detach(model)
     assert "add_sae" not in model.__dict__ and _hook_count(module) == before - 1  # context hook gone too
+
+
+def test_language_model_on_embedded_model_steers_generation():
+    """``LanguageModel`` (text in, tokenizer inside) on the shipped model: a steered ``generate`` equals
+    the same generation with a plain forward hook adding the direction by hand."""
+    transformers = pytest.importorskip("transformers")
+    from nnsight import LanguageModel
+
+    from sae_hooks.adapters.nnsight import attach
+    from sae_hooks.default_model import default_model_path
+
+    path = str(default_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = attach(LanguageModel(path, tokenizer=tok, dispatch=True))
+    sae = make_sae("topk", 128, 256, k=8, sites=["blocks.1.hook_resid_post"])
+    direction = sae.W_dec[3] / sae.W_dec[3].norm()
+    prompt = "Return the cosine of"
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ids = tok(prompt, return_tensors="pt")
+    hf_model = lm._module
+
+    def add_direction(module, args, output):
+        return (output[0] + 12.0 * direction,) + tuple(output[1:]) if isinstance(output, tuple) else output + 12.0 * direction
+
+    handle = hf_model.transformer.h[1].register_forward_hook(add_direction)
+    try:
+        with torch.no_grad():
+            expected = hf_model.generate(**ids, **kw)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        clean = hf_model.generate(**ids, **kw)
+    att = lm.add_sae(sae, splice=False)
+    att.steer(3, 12.0)
+    with torch.no_grad():
+        got = lm.generate(ids["input_ids"], attention_mask=ids["attention_mask"], **kw)
+    got = got if isinstance(got, torch.Tensor) else got.sequences
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, clean)
+    lm.reset_saes()
