@@ -68,5 +68,11 @@ def build_tl_model(kind: str):
 
 TL_KINDS = ["bridge_native", "bridge_hf", "hooked_transformer"]
 
+
+@pytest.fixture(scope="module")
+def hf():
+    """The tiny random HF GPT-2 of :func:`tiny_hf_gpt2` (deep-copy it before wrapping: wrappers mutate)."""
+    return tiny_hf_gpt2()
+
 # Hugging Face Hub test server fixtures (tests/conftest_hub.py).
 from conftest_hub import hf_offline, hub_server  # noqa: E402, F401

@@ -30,14 +30,6 @@ LATENTS = [1, 5, 9]
 
 
 @pytest.fixture(scope="module")
-def hf_base():
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-@pytest.fixture(scope="module")
 def sae():
     torch.manual_seed(1)
     s = make_sae("relu", 32, 48, sites=[SITE])
@@ -134,8 +126,8 @@ class Wrapped:
 
 
 @pytest.fixture(scope="module")
-def wrapped(hf_base):
-    return {kind: Wrapped(kind, hf_base) for kind in ADAPTERS}
+def wrapped(hf):
+    return {kind: Wrapped(kind, hf) for kind in ADAPTERS}
 
 
 # The independent truth ---------------------------------------------------------------------------
@@ -149,13 +141,13 @@ def _decode(sae, f):
     return f @ sae.W_dec + sae.b_dec
 
 
-def truth(hf_base, tokens, mask, edit, *, generate_steps: int = 0):
+def truth(hf, tokens, mask, edit, *, generate_steps: int = 0):
     """Run a fresh copy of the HF model with ``edit(x, positions) -> x'`` applied at SITE by a raw hook.
 
     ``positions`` ``(batch, seq)`` are absolute positions of real tokens (left padding skipped).
     With ``generate_steps``, generate greedily without a KV cache (each step re-feeds the sequence).
     """
-    hf = copy.deepcopy(hf_base)
+    hf = copy.deepcopy(hf)
     module = hf.transformer.h[0]
     state = {}
 
@@ -238,12 +230,12 @@ def _cases(sae, means):
 
 
 @pytest.fixture(scope="module")
-def means(hf_base, sae, inputs):
+def means(hf, sae, inputs):
     tokens, _ = inputs
     with torch.no_grad():
         acts = {}
-        h = hf_base.transformer.h[0].register_forward_hook(lambda m, a, o: acts.__setitem__("x", o))
-        hf_base(tokens)
+        h = hf.transformer.h[0].register_forward_hook(lambda m, a, o: acts.__setitem__("x", o))
+        hf(tokens)
         h.remove()
         return _encode(sae, acts["x"]).mean((0, 1))
 
@@ -252,11 +244,11 @@ def means(hf_base, sae, inputs):
 
 
 @pytest.mark.parametrize("kind", ADAPTERS)
-def test_clean_wrapped_model_equals_hf(wrapped, hf_base, inputs, kind):
+def test_clean_wrapped_model_equals_hf(wrapped, hf, inputs, kind):
     """The wrappers (the bridge rewires the module) must not change the clean forward pass."""
     tokens, mask = inputs
     with torch.no_grad():
-        ref = hf_base(tokens, attention_mask=mask, position_ids=_position_ids(mask)).logits
+        ref = hf(tokens, attention_mask=mask, position_ids=_position_ids(mask)).logits
     out = wrapped[kind].logits(tokens, mask)
     real = mask.bool()
     assert torch.allclose(out[real], ref[real], atol=ATOL)
@@ -267,13 +259,13 @@ CASES = ["capture", "splice", "splice_error", "ablate_zero", "ablate_mean", "abl
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_intervention_same_in_every_adapter(wrapped, hf_base, sae, inputs, means, case):
+def test_intervention_same_in_every_adapter(wrapped, hf, sae, inputs, means, case):
     tokens, mask = inputs
     attach_kwargs, apply_edits, edit = _cases(sae, means)[case]
-    expected = truth(hf_base, tokens, mask, edit)
+    expected = truth(hf, tokens, mask, edit)
     real = mask.bool()
     with torch.no_grad():
-        clean = hf_base(tokens, attention_mask=mask, position_ids=_position_ids(mask)).logits
+        clean = hf(tokens, attention_mask=mask, position_ids=_position_ids(mask)).logits
     results, latents = {}, {}
     for kind in ADAPTERS:
         model = wrapped[kind].model
@@ -291,21 +283,21 @@ def test_intervention_same_in_every_adapter(wrapped, hf_base, sae, inputs, means
         assert (expected[real] - clean[real]).abs().max() > 1e-3
     # Recorded latents are the (edited) latents of the real input.
     acts = {}
-    h = hf_base.transformer.h[0].register_forward_hook(lambda m, a, o: acts.__setitem__("x", o))
+    h = hf.transformer.h[0].register_forward_hook(lambda m, a, o: acts.__setitem__("x", o))
     with torch.no_grad():
-        hf_base(tokens, attention_mask=mask, position_ids=_position_ids(mask))
+        hf(tokens, attention_mask=mask, position_ids=_position_ids(mask))
     h.remove()
     if case in ("capture", "splice", "splice_error", "steer"):
         assert torch.allclose(latents["torch"][real], _encode(sae, acts["x"])[real], atol=ATOL)
 
 
-def test_generation_with_steering(wrapped, hf_base, sae):
+def test_generation_with_steering(wrapped, hf, sae):
     prompt = torch.tensor([[5, 17, 33]])
     n = 6
     steer_vec = 40.0 * _unit(sae, 7)
-    expected = truth(hf_base, prompt, None, lambda x, pos, real: x + (pos >= 2)[..., None] * steer_vec,
+    expected = truth(hf, prompt, None, lambda x, pos, real: x + (pos >= 2)[..., None] * steer_vec,
                      generate_steps=n)
-    unsteered = truth(hf_base, prompt, None, lambda x, pos, real: x, generate_steps=n)
+    unsteered = truth(hf, prompt, None, lambda x, pos, real: x, generate_steps=n)
     assert not torch.equal(expected, unsteered), "steering must change the greedy continuation"
     for kind in ADAPTERS:
         model = wrapped[kind].model

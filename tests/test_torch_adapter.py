@@ -18,14 +18,6 @@ from sae_hooks.adapters.torch import attach, detach  # noqa: E402
 KEY = "blocks.0.hook_resid_post.hook_sae_acts_post"
 
 
-@pytest.fixture(scope="module")
-def hf():
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
 @pytest.fixture
 def model(hf):
     return attach(copy.deepcopy(hf))

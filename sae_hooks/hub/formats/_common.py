@@ -70,9 +70,14 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         raise SAEFormatError(f"{path}: missing config file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SAEFormatError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise SAEFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return expect_object(data, str(path))
+
+
+def expect_object(raw: Any, source: str) -> dict[str, Any]:
+    """``raw`` if it is a JSON object (a dict); :class:`SAEFormatError` naming ``source`` otherwise."""
+    if not isinstance(raw, dict):
+        raise SAEFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
 from ._common import (
+    expect_object,
     LoadOptions, build, check_shape, file_dtype, float_state, get, make_site, positive_int, read_json, t_, tensor,
     torch_load_weights,
 )
@@ -67,8 +68,7 @@ def needed(files: list[str]) -> list[str]:
 
 
 def read_config(raw: dict[str, Any], source: str = CONFIG) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise SAEFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    expect_object(raw, source)
     trainer = raw.get("trainer")
     if not isinstance(trainer, dict):
         raise SAEFormatError(f"{source}: missing 'trainer' object")

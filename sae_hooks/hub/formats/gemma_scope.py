@@ -31,7 +31,7 @@ import torch
 from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
-from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, read_json, read_npz, read_safetensors, tensor
+from ._common import expect_object, LoadOptions, build, check_shape, file_dtype, get, make_site, read_json, read_npz, read_safetensors, tensor
 
 NAME_1 = "gemma_scope"
 NAME_2 = "gemma_scope_2"
@@ -177,8 +177,7 @@ def load_1(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
 
 def read_config_2(raw: dict[str, Any], source: str = CONFIG_2) -> dict[str, Any]:
     """Validated Gemma Scope 2 ``config.json`` fields."""
-    if not isinstance(raw, dict):
-        raise SAEFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    expect_object(raw, source)
     arch = get(raw, "architecture", str, source, "jump_relu")
     if arch != "jump_relu":
         raise UnknownArchitectureError(f"{source}: Gemma Scope 2 architecture {arch!r} is not supported (only 'jump_relu')")

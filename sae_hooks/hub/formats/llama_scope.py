@@ -29,7 +29,7 @@ import torch
 from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
-from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, read_json, read_safetensors, t_, tensor
+from ._common import expect_object, LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, read_json, read_safetensors, t_, tensor
 
 NAME = "llama_scope"
 CONFIG = "hyperparams.json"
@@ -47,8 +47,7 @@ def needed(files: list[str]) -> list[str]:
 
 def read_config(raw: dict[str, Any], source: str = CONFIG) -> dict[str, Any]:
     """Validated ``hyperparams.json`` fields, with the input/output scale factors computed."""
-    if not isinstance(raw, dict):
-        raise SAEFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    expect_object(raw, source)
     d_model = positive_int(raw, "d_model", source)
     d_sae = positive_int(raw, "d_sae", source)
     act_fn = get(raw, "act_fn", str, source, "jumprelu").lower()

@@ -26,7 +26,7 @@ import torch
 from ...config import SAEConfig
 from ...errors import SAEFormatError
 from ...saes import SAE
-from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, read_json, read_safetensors, t_, tensor
+from ._common import expect_object, LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, read_json, read_safetensors, t_, tensor
 
 NAME = "mlsae"
 CONFIG = "config.json"
@@ -46,8 +46,7 @@ def needed(files: list[str]) -> list[str]:
 
 
 def read_config(raw: dict[str, Any], source: str = CONFIG) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise SAEFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    expect_object(raw, source)
     return {
         "n_inputs": positive_int(raw, "n_inputs", source, None),
         "n_latents": positive_int(raw, "n_latents", source, None),

@@ -35,7 +35,7 @@ import torch
 from ...config import SAEConfig, parse_dtype
 from ...errors import ConfigError, SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
-from ._common import LoadOptions, build, get, make_site, positive_int, read_json, read_safetensors, t_, tensor
+from ._common import expect_object, LoadOptions, build, get, make_site, positive_int, read_json, read_safetensors, t_, tensor
 
 NAME = "saelens"
 CONFIG = "cfg.json"
@@ -83,8 +83,7 @@ def _version_major(v: Any) -> int | None:
 
 def normalize_config(raw: dict[str, Any], source: str = CONFIG) -> dict[str, Any]:
     """A v6-shaped config dict (``architecture`` + ``metadata``) from a v6 or pre-6 ``cfg.json``."""
-    if not isinstance(raw, dict):
-        raise SAEFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    expect_object(raw, source)
     data = dict(raw)
     meta = data.get("metadata")
     if meta is None:

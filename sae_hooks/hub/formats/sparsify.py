@@ -31,6 +31,7 @@ from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
 from ._common import (
+    expect_object,
     LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, read_json, read_safetensors, t_, tensor,
 )
 
@@ -84,8 +85,7 @@ def tl_hooks(hookpoint: str | None, transcoder: bool) -> tuple[str | None, str |
 
 def read_config(raw: dict[str, Any], source: str = CONFIG) -> dict[str, Any]:
     """Validated sparsify ``cfg.json`` fields: ``d_in``, ``num_latents`` (or ``None``), ``k``, ``transcode``, ``skip``."""
-    if not isinstance(raw, dict):
-        raise SAEFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    expect_object(raw, source)
     activation = get(raw, "activation", str, source, "topk")
     if activation not in ("topk", "groupmax"):
         raise UnknownArchitectureError(
