@@ -17,12 +17,14 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
 	$(VENV)/bin/pip install $(PIP_FLAGS) $(TORCH_SPEC)
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[transformer_lens,nnsight,test]"
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[transformer-lens,nnsight,test]"
 	touch $@
 
 $(VENV_TL3)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_TL3)
+	$(VENV_TL3)/bin/pip install $(PIP_FLAGS) --upgrade pip
 	$(VENV_TL3)/bin/pip install $(PIP_FLAGS) $(TORCH_SPEC)
 	$(VENV_TL3)/bin/pip install $(PIP_FLAGS) "transformer-lens>=3.9,<4" -e ".[test]"
 	touch $@

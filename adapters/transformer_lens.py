@@ -30,7 +30,7 @@ try:  # TransformerLens is required by this adapter only.
     from transformer_lens.hook_points import HookPoint
 except ImportError as e:  # pragma: no cover - exercised only without TL installed
     raise ImportError(
-        "sae_hooks.adapters.transformer_lens needs TransformerLens: pip install 'sae-hooks[transformer_lens]'"
+        "sae_hooks.adapters.transformer_lens needs TransformerLens: pip install 'sae-hooks[transformer-lens]'"
     ) from e
 
 
