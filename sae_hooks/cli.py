@@ -78,14 +78,35 @@ def _loggers(args: argparse.Namespace):  # noqa: ANN202
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if getattr(args, "distributed", None):
+        from .train.distributed import distributed_context
+
+        with distributed_context() as info:
+            return _train(args, info)
+    return _train(args, None)
+
+
+def _train(args: argparse.Namespace, dist_info: Any) -> int:
+    """``sae-hooks train``; ``dist_info`` (a :class:`~.train.distributed.DistInfo`) under ``--distributed``."""
     from .saes.registry import make_sae
     from .train import DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
     from .train.trainer import pick_device
 
-    device = pick_device(args.device)
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    ddp = dist_info is not None and args.distributed == "ddp"
+    device = pick_device(args.device) if dist_info is None or args.device else dist_info.device
+    batch_tokens, buffer_tokens = args.batch_tokens, args.buffer_tokens
+    if ddp:  # --batch-tokens / --buffer-tokens are global: each rank takes its share
+        if batch_tokens % world or buffer_tokens % world:
+            sys.exit(f"sae-hooks train: --batch-tokens and --buffer-tokens must be divisible by the {world} ranks")
+        batch_tokens, buffer_tokens = batch_tokens // world, buffer_tokens // world
     if args.activations:
         source = DiskSource(args.activations, args.site or None, shuffle=True, seed=args.seed, epochs=args.epochs)
         widths = source.manifest["widths"]
+        if ddp:
+            from .train.distributed import shard_disk_source
+
+            shard_disk_source(source, rank, world)
     else:
         model, tok = _load_model(args.model)
         model.to(device)
@@ -94,12 +115,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.site:
             sys.exit("sae-hooks train: give at least one --site")
         repeated = [b for _ in range(args.epochs) for b in batches]
+        if ddp:
+            repeated = repeated[rank::world]
         source = LiveSource(
             model, args.site, repeated, bos_token_id=bos,
             autocast_dtype=torch.bfloat16 if args.bf16 else None,
         )
         widths = {s: t.shape[-1] for s, t in source.reader.read(batches[0][:1]).items()}  # one tiny forward
-    buffer = ShuffleBuffer(source, batch_tokens=args.batch_tokens, size_tokens=args.buffer_tokens, seed=args.seed, device=device)
+    buffer = ShuffleBuffer(source, batch_tokens=batch_tokens, size_tokens=buffer_tokens, seed=args.seed, device=device)
     entries = []
     for site in source.sites:
         d_in = int(widths[site])
@@ -110,15 +133,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             settings = TrainSettings(lr=args.lr, seed=seed, l1_coefficient=args.l1, l0_coefficient=args.l0,
                                      dead_tokens=args.dead_tokens, warmup_steps=args.warmup)
             name = f"{site}-{args.arch}-s{seed}".replace("/", "_")
-            entries.append(TrainEntry(name, site, sae, settings, device=device))
-    trainer = Trainer(entries, autocast_dtype=torch.bfloat16 if args.bf16 else None)
-    if args.resume:
-        load_checkpoint(trainer, args.resume, buffer)
+            entries.append(TrainEntry(name, site, sae, settings, device=None if dist_info else device))
+    autocast = torch.bfloat16 if args.bf16 else None
+    if dist_info is not None:
+        from .train.distributed import DistributedTrainer
+
+        trainer: Any = DistributedTrainer(entries, args.distributed, device=device, autocast_dtype=autocast)
+        if args.resume:
+            trainer.load_checkpoint(args.resume, buffer)
+    else:
+        trainer = Trainer(entries, autocast_dtype=autocast)
+        if args.resume:
+            load_checkpoint(trainer, args.resume, buffer)
     trainer.fit(
         buffer, max_steps=args.steps, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress, log=_loggers(args),
+        progress=not args.no_progress and rank == 0, log=_loggers(args) if rank == 0 else None,
     )
     paths = trainer.save(args.out)
+    if rank != 0:
+        return 0
     for e in trainer.entries:
         print(f"{e.name}: {e.state.tokens_seen:,} tokens, {json.dumps({k: round(v, 5) for k, v in e.state.metrics.items()})} -> {paths[e.name]}")
     return 0
@@ -208,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wandb", metavar="PROJECT")
     t.add_argument("--tensorboard", metavar="LOGDIR")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--distributed", choices=["ddp", "shard"],
+                   help="under torchrun: ddp = each rank its share of the data (--batch-tokens is global), "
+                        "shard = each rank its subset of the SAEs (same data)")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("capture", help="save activations at sites as safetensors shards")

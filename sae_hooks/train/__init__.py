@@ -3,6 +3,7 @@ feeding many SAEs from one forward pass, and resumable checkpoints. The trainer 
 
 from .buffer import ShuffleBuffer
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistributedTrainer, distributed_context, rank_slice
 from .hooks import HookDictHooks, ModuleHooks, SiteHooks, site_hooks
 from .sources import ActivationReader, DiskSource, IteratorSource, LiveSource, capture, pack_texts, token_mask
 from .trainer import Trainer, TrainEntry, TrainSettings, fold_scale, geometric_median, pick_device
@@ -10,5 +11,5 @@ from .trainer import Trainer, TrainEntry, TrainSettings, fold_scale, geometric_m
 __all__ = [
     "ShuffleBuffer", "load_checkpoint", "save_checkpoint", "HookDictHooks", "ModuleHooks", "SiteHooks",
     "site_hooks", "ActivationReader", "DiskSource", "IteratorSource", "LiveSource", "capture", "pack_texts",
-    "token_mask", "Trainer", "TrainEntry", "TrainSettings", "fold_scale", "geometric_median", "pick_device",
+    "token_mask", "DistributedTrainer", "distributed_context", "rank_slice", "Trainer", "TrainEntry", "TrainSettings", "fold_scale", "geometric_median", "pick_device",
 ]

@@ -28,6 +28,7 @@ MSE is a sum over ``d`` and a mean over tokens (except ``topk``/``batchtopk``, w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +96,14 @@ def gated_loss(sae: SAE, x: Tensor, l1_coefficient: float) -> LossOutput:
     return _dense_out(x, x_hat, f, _mse(x, x_hat) + aux, aux)
 
 
-def _auxk(sae: SAE, x_in: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, aux_k: int) -> Tensor | None:
-    """OpenAI's AuxK term (normalised MSE of the dead latents' reconstruction of the residual)."""
+def _auxk(
+    sae: SAE, x_in: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, aux_k: int,
+    aux_denom: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor | None:
+    """OpenAI's AuxK term (normalised MSE of the dead latents' reconstruction of the residual).
+
+    ``aux_denom(residual)`` replaces the batch's ``mean ||e − mean e||²`` (data-parallel training passes
+    the value over every rank's rows, so the loss is the one of the whole batch)."""
     n_dead = int(dead.sum())
     k_aux = min(aux_k, n_dead)
     if k_aux == 0:
@@ -107,12 +114,14 @@ def _auxk(sae: SAE, x_in: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, a
     b_enc = sae.b_enc if sae.has_encoder_bias else None
     acts = torch.relu(gather_encode(x_in, sae.W_enc, b_enc, idx, values))
     recon = sparse_decode(SparseLatents(acts, idx, sae.cfg.d_sae), sae.W_dec)
-    denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    denom = aux_denom(residual) if aux_denom is not None else (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    denom = denom.clamp_min(1e-12)
     return (recon - residual).pow(2).sum(-1).mean() / denom
 
 
 def topk_loss(
-    sae: SAE, x: Tensor, mse_scale: float, dead: Tensor, aux_k: int, aux_coefficient: float
+    sae: SAE, x: Tensor, mse_scale: float, dead: Tensor, aux_k: int, aux_coefficient: float,
+    aux_denom: Callable[[Tensor], Tensor] | None = None,
 ) -> LossOutput:
     x_in = _encoder_input(sae, x)
     b_enc = sae.b_enc if sae.has_encoder_bias else None
@@ -126,7 +135,7 @@ def topk_loss(
     mse = _mse(x, x_hat)
     loss = mse_scale * mse
     aux = torch.zeros((), device=x.device)
-    auxk = _auxk(sae, x_in, pre, (x - x_hat).detach(), dead, aux_k) if aux_coefficient else None
+    auxk = _auxk(sae, x_in, pre, (x - x_hat).detach(), dead, aux_k, aux_denom) if aux_coefficient else None
     if auxk is not None:
         aux = aux_coefficient * auxk
         loss = loss + aux
@@ -140,7 +149,7 @@ def topk_loss(
 
 def batchtopk_loss(
     sae: SAE, x: Tensor, mse_scale: float, dead: Tensor, aux_k: int, aux_coefficient: float, threshold_lr: float,
-    first_step: bool,
+    first_step: bool, aux_denom: Callable[[Tensor], Tensor] | None = None,
 ) -> LossOutput:
     x_in = _encoder_input(sae, x)
     pre = sae.pre_acts(x)
@@ -149,7 +158,7 @@ def batchtopk_loss(
     mse = _mse(x, x_hat)
     loss = mse_scale * mse
     aux = torch.zeros((), device=x.device)
-    auxk = _auxk(sae, x_in, pre.detach(), (x - x_hat).detach(), dead, aux_k) if aux_coefficient else None
+    auxk = _auxk(sae, x_in, pre.detach(), (x - x_hat).detach(), dead, aux_k, aux_denom) if aux_coefficient else None
     if auxk is not None:
         aux = aux_coefficient * auxk
         loss = loss + aux

@@ -153,6 +153,8 @@ class TrainEntry:
             sae = sae.to(device)
         self.sae = sae
         self.state = EntryState()
+        # Data-parallel hook (:class:`sae_hooks.train.distributed.GradSync`); ``None`` = one process.
+        self.sync: Any = None
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
         arch = sae.cfg.architecture
         if arch not in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
@@ -231,10 +233,12 @@ class TrainEntry:
             return losses.gated_loss(sae, xn, s.l1_coefficient * sp)
         if arch == "jumprelu":
             return losses.jumprelu_loss(sae, xn, s.l0_coefficient * sp, s.bandwidth)
+        denom = self.sync.aux_denom if self.sync is not None else None
         if arch == "topk":
-            return losses.topk_loss(sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient)
+            return losses.topk_loss(sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, aux_denom=denom)
         return losses.batchtopk_loss(
-            sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, s.threshold_lr, step == 0
+            sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, s.threshold_lr, step == 0,
+            aux_denom=denom,
         )
 
     def train_step(self, x: Tensor, autocast_dtype: torch.dtype | None = None) -> dict[str, float] | None:
@@ -243,21 +247,29 @@ class TrainEntry:
         if x.dim() != 2 or x.shape[-1] != sae.cfg.d_in:
             raise ShapeMismatchError(f"entry {self.name!r} (site {self.site!r}) expects (N, {sae.cfg.d_in}) batches, got {tuple(x.shape)}")
         x = x.to(device=sae.device, dtype=sae.dtype)
-        if not bool(torch.isfinite(x).all()):
+        finite = bool(torch.isfinite(x).all())
+        if self.sync is not None:
+            finite = self.sync.all_true(finite)
+        if not finite:
             return self._skip("the batch contains NaN/inf")
         if not self.state.initialised:
-            self._first_batch(x)
+            self._first_batch(x if self.sync is None else self.sync.gather_rows(x))
         xn, _ = sae.normalize_input(x)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.state.step)
         ctx = torch.autocast(sae.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         with ctx:
             out = self.loss(xn)
-        if not bool(torch.isfinite(out.loss)):
+        finite = bool(torch.isfinite(out.loss))
+        if self.sync is not None:
+            finite = self.sync.all_true(finite)
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return self._skip("the loss is NaN/inf")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.sync is not None:
+            self.sync.after_backward(sae)
         if self.unit_norm:
             _remove_parallel_grad(sae)
         if self.settings.grad_clip:
@@ -268,8 +280,10 @@ class TrainEntry:
                 sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
             if sae.cfg.architecture == "jumprelu":
                 sae.threshold.clamp_(min=0.0)
-            n = x.shape[0]
-            self.tokens_since_fired.add_(n).masked_fill_(out.fired, 0)
+            n, fired = x.shape[0], out.fired
+            if self.sync is not None:
+                fired, n = self.sync.fired(fired, n)
+            self.tokens_since_fired.add_(n).masked_fill_(fired, 0)
             var = (xn - xn.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-30)
             metrics = {
                 "loss": out.loss.item(),
@@ -280,6 +294,8 @@ class TrainEntry:
                 "dead_fraction": self.dead.float().mean().item(),
                 "lr": self.optimizer.param_groups[0]["lr"],
             }
+            if self.sync is not None:
+                metrics = self.sync.metrics(metrics)
         self.state.step += 1
         self.state.tokens_seen += n
         self.state.metrics = metrics
