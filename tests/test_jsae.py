@@ -179,28 +179,54 @@ def test_bridge_hook_check():
 
 
 def test_jsae_training_sparsifies_jacobian_and_attach(embedded, record_property):
+    """λ > 0 makes the Jacobian sparser at every threshold while both SAEs still reconstruct.
+
+    Measured on the embedded model (layer 2, d_sae 512, k 8, 300 steps of ~252 tokens, lr 4e-3):
+    |J| counts per token (of 64) λ=0: 60.9 / 57.8 / 51.9 above 0.005 / 0.01 / 0.02, λ=3: 38.8 / 24.1 /
+    10.1; CE loss recovered (in, out) λ=0 ≈ (0.67, 0.78), λ=3 ≈ (0.50, 0.55). At this budget the drop is
+    mostly a shrinking of all entries paid for by the output SAE (see docs/multilayer_and_jacobian.md),
+    hence the reconstruction floors below."""
     from sae_hooks.multilayer_metrics import ce_loss_recovered
-    from sae_hooks.train.jsae import jsae_batches, train_jsae
+    from sae_hooks.train.jsae import check_mlp_input, jsae_batches, train_jsae
 
     model, batches = embedded
-    layer, steps = 2, 150
+    layer, steps, d_sae, k, lam = 2, 300, 512, 8, 3.0
     mlp = model.blocks[layer].mlp
-    probe = make_jsae_pair(mlp, layer, 128, 6, bridge=True)
-    train = list(jsae_batches(model, probe, batches[:24], bos_token_id=0))
+    probe = make_jsae_pair(mlp, layer, d_sae, k, bridge=True)
+    assert check_mlp_input(model, probe, batches[0]) < 1e-4  # ln2.hook_out is this MLP's input
+    train = list(jsae_batches(model, probe, batches[:60], bos_token_id=0))
     test_tokens = torch.cat(batches[-4:])
     x_test = torch.cat(list(jsae_batches(model, probe, batches[-4:], bos_token_id=0)))
-    counts, scores = {}, {}
-    for lam in (0.0, 1.0):
-        pair = make_jsae_pair(mlp, layer, 128, 6, bridge=True, seed=0)
-        hist = train_jsae(pair, train, steps, lam, lr=2e-3)
-        assert len(hist) == steps and hist[0]["jacobian_coefficient"] == 0.0  # λ warm-up starts at 0
-        counts[lam] = pair.jacobian(x_test).abs_counts((0.005, 0.01, 0.02))
-        scores[lam] = (ce_loss_recovered(model, pair.sae_in, pair.cfg.hook_in, test_tokens)["ce_loss_score"],
-                       ce_loss_recovered(model, pair.sae_out, pair.cfg.hook_out, test_tokens)["ce_loss_score"])
-    print(f"\nJSAE |J| counts per token (of 36): λ=0 {counts[0.0]}  λ=1 {counts[1.0]}; CE score (in, out) {scores}")
+
+    def fvu(sae, x):
+        return ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+    counts, scores, fvus = {}, {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    try:
+        for lm in (0.0, lam):
+            pair = make_jsae_pair(mlp, layer, d_sae, k, bridge=True, seed=0)
+            hist = train_jsae(pair, train, steps, lm, lr=4e-3)
+            assert len(hist) == steps and hist[0]["jacobian_coefficient"] == 0.0  # λ warm-up starts at 0
+            assert hist[-1]["jacobian_coefficient"] == lm
+            with torch.no_grad():
+                counts[lm] = pair.jacobian(x_test).abs_counts((0.005, 0.01, 0.02))
+                fvus[lm] = (fvu(pair.sae_in, x_test), fvu(pair.sae_out, pair.mlp(x_test)))
+            scores[lm] = (ce_loss_recovered(model, pair.sae_in, pair.cfg.hook_in, test_tokens)["ce_loss_score"],
+                          ce_loss_recovered(model, pair.sae_out, pair.cfg.hook_out, test_tokens)["ce_loss_score"])
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nJSAE |J| counts per token (of {k * k}): λ=0 {counts[0.0]}  λ={lam} {counts[lam]}; "
+          f"CE score (in, out) {scores}; FVU (in, out) {fvus}")
     record_property("jsae_counts", counts)
-    assert counts[0.0][0.005] > 2.0
-    assert counts[1.0][0.005] < 0.25 * counts[0.0][0.005]
+    c0, c1 = counts[0.0], counts[lam]
+    assert c0[0.005] > 0.5 * k * k  # the plain pair has a dense Jacobian
+    assert c1[0.005] < 0.8 * c0[0.005] and c1[0.01] < 0.55 * c0[0.01] and c1[0.02] < 0.3 * c0[0.02]
+    # ... and neither SAE collapsed to buy it
+    assert min(scores[0.0]) > 0.55 and min(scores[lam]) > 0.4
+    assert fvus[0.0][0] < 0.4 and fvus[0.0][1] < 0.3
+    assert fvus[lam][0] < 1.2 * fvus[0.0][0] and fvus[lam][1] < 0.6
 
     # attach: capture both latent sets and the Jacobian through the TL bridge, then splice
     tokens = batches[-1]
