@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ._atomic import atomic_dir
+from ._files import read_safetensors, read_versioned_json
 from .config import FORMAT_VERSION, SAEConfig, parse_dtype
 from .errors import ConfigError, SAEFormatError, ShapeMismatchError
 from .saes import SAE, build_sae
@@ -33,21 +33,7 @@ def save(sae: SAE, path: str | os.PathLike) -> Path:
 
 def read_config(path: str | os.PathLike) -> SAEConfig:
     cfg_path = Path(path) / CONFIG_FILE
-    try:
-        data = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise SAEFormatError(f"{cfg_path}: no {CONFIG_FILE}; not a native sae-hooks folder") from None
-    except json.JSONDecodeError as e:
-        raise SAEFormatError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise SAEFormatError(f"{cfg_path}: not a native sae-hooks config (missing \"format\": \"{FORMAT_NAME}\")")
-    version = data.pop("format_version", None)
-    data.pop("format")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SAEFormatError(
-            f"{cfg_path}: format_version {version!r} is not supported (this sae-hooks reads <= {FORMAT_VERSION}); "
-            "upgrade sae-hooks"
-        )
+    data = read_versioned_json(cfg_path, FORMAT_NAME, FORMAT_VERSION, f"no {CONFIG_FILE}; not a native sae-hooks folder")
     try:
         return SAEConfig.from_dict(data)
     except ConfigError as e:
@@ -63,13 +49,7 @@ def load(
     path = Path(path)
     cfg = read_config(path)
     weights = path / WEIGHTS_FILE
-    try:
-        state = load_file(str(weights), device=str(device) if device is not None else "cpu")
-    except FileNotFoundError:
-        raise SAEFormatError(f"{weights}: missing weights file") from None
-    except (SafetensorError, OSError) as e:
-        raise SAEFormatError(f"{weights}: cannot read safetensors file ({e})") from None
-    return from_state_dict(cfg, state, source=str(weights), dtype=dtype)
+    return from_state_dict(cfg, read_safetensors(weights, device), source=str(weights), dtype=dtype)
 
 
 def from_state_dict(

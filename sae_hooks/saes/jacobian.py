@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .._atomic import atomic_dir
+from .._files import read_safetensors, read_versioned_json
 from ..config import SAEConfig, Site
 from ..errors import ConfigError, SAEFormatError, did_you_mean
 from ..jacobian import FrozenMLP, SparseJacobian, check_pair_saes, sparse_jacobian
@@ -145,27 +145,11 @@ class JacobianSAEPair(nn.Module):
         from ..native import load as load_native
 
         path = Path(path)
-        pair_file = path / PAIR_FILE
-        try:
-            data = json.loads(pair_file.read_text())
-        except FileNotFoundError:
-            raise SAEFormatError(f"{pair_file}: missing; not a JSAE pair folder") from None
-        except json.JSONDecodeError as e:
-            raise SAEFormatError(f"{pair_file}: invalid JSON ({e})") from None
-        if not isinstance(data, dict) or data.pop("format", None) != PAIR_FORMAT:
-            raise SAEFormatError(f"{pair_file}: not a JSAE pair config (missing \"format\": \"{PAIR_FORMAT}\")")
-        version = data.pop("format_version", None)
-        if not isinstance(version, int) or version > PAIR_FORMAT_VERSION:
-            raise SAEFormatError(f"{pair_file}: format_version {version!r} is not supported (<= {PAIR_FORMAT_VERSION})")
+        data = read_versioned_json(path / PAIR_FILE, PAIR_FORMAT, PAIR_FORMAT_VERSION, "missing; not a JSAE pair folder")
         act = data.pop("mlp_act", None)
         cfg = JSAEPairConfig.from_dict(data)
         mlp_path = path / MLP_FILE
-        try:
-            t = load_file(str(mlp_path), device=str(device) if device is not None else "cpu")
-        except FileNotFoundError:
-            raise SAEFormatError(f"{mlp_path}: missing MLP weights") from None
-        except (SafetensorError, OSError) as e:
-            raise SAEFormatError(f"{mlp_path}: cannot read safetensors file ({e})") from None
+        t = read_safetensors(mlp_path, device)
         needed = {"W_in", "b_in", "W_out", "b_out"}
         if not needed <= set(t):
             raise SAEFormatError(f"{mlp_path}: missing tensors {sorted(needed - set(t))}")

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .._atomic import atomic_dir
+from .._files import read_json, read_safetensors
 from ..config import SAEConfig
 from ..errors import ConfigError, SAEFormatError
 from .trainer import EntryState, Trainer, TrainSettings
@@ -99,11 +100,8 @@ def save_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = Non
 def load_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = None) -> dict[str, Any]:
     """Restore ``trainer`` (built with the same entry names) and ``buffer`` from ``path``; returns the metadata."""
     path = Path(path)
-    try:
-        meta = json.loads((path / STATE_FILE).read_text())
-        tensors = load_file(str(path / TENSORS_FILE))
-    except FileNotFoundError as e:
-        raise SAEFormatError(f"{path}: not a training checkpoint ({e.filename} missing)") from None
+    meta = read_json(path / STATE_FILE, f"missing: {path} is not a training checkpoint")
+    tensors = read_safetensors(path / TENSORS_FILE)
     if meta.get("version") != VERSION:
         raise SAEFormatError(f"{path}: checkpoint version {meta.get('version')!r} is not {VERSION}")
     names = sorted(e.name for e in trainer.entries)

@@ -28,6 +28,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .._atomic import atomic_dir
+from .._files import read_json
 from ..errors import SAEFormatError, ShapeMismatchError
 from .hooks import SiteHooks, site_hooks
 
@@ -325,15 +326,9 @@ def capture(
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    file = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise SAEFormatError(f"{file}: no {MANIFEST}; not an activation folder written by capture()") from None
-    except json.JSONDecodeError as e:
-        raise SAEFormatError(f"{file}: invalid JSON ({e})") from None
+    manifest = read_json(Path(path) / MANIFEST, f"no {MANIFEST}; not an activation folder written by capture()")
     if manifest.get("format") != "sae_hooks.activations":
-        raise SAEFormatError(f"{file}: not a sae_hooks activation manifest")
+        raise SAEFormatError(f"{Path(path) / MANIFEST}: not a sae_hooks activation manifest")
     return manifest
 
 

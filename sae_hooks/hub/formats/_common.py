@@ -6,7 +6,6 @@ the problem, never a bare ``KeyError``/``SafetensorError``/``UnpicklingError``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ...config import SAEConfig, Site
 from ...errors import ConfigError, SAEFormatError, ShapeMismatchError, UnsafeCheckpointError
@@ -59,36 +56,6 @@ class LoadOptions:
 
 
 # ------------------------------------------------------------------------------------------- readers
-
-
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON object from ``path``; :class:`SAEFormatError` naming the file otherwise."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SAEFormatError(f"{path}: missing config file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAEFormatError(f"{path}: invalid JSON ({e})") from None
-    return expect_object(data, str(path))
-
-
-def expect_object(raw: Any, source: str) -> dict[str, Any]:
-    """``raw`` if it is a JSON object (a dict); :class:`SAEFormatError` naming ``source`` otherwise."""
-    if not isinstance(raw, dict):
-        raise SAEFormatError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, loaded straight onto ``device``."""
-    path = Path(path)
-    try:
-        return load_file(str(path), device=device)
-    except FileNotFoundError:
-        raise SAEFormatError(f"{path}: missing weights file") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SAEFormatError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
 
 
 def read_npz(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -36,10 +36,9 @@ import torch
 from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
+from ..._files import expect_object, read_json
 from ._common import (
-    expect_object,
-    LoadOptions, build, check_shape, file_dtype, float_state, get, make_site, positive_int, read_json, t_, tensor,
-    torch_load_weights,
+    LoadOptions, build, check_shape, file_dtype, float_state, get, make_site, positive_int, t_, tensor, torch_load_weights,
 )
 
 NAME = "dictionary_learning"

@@ -31,7 +31,8 @@ import torch
 from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
-from ._common import expect_object, LoadOptions, build, check_shape, file_dtype, get, make_site, read_json, read_npz, read_safetensors, tensor
+from ..._files import expect_object, read_json, read_safetensors
+from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, read_npz, tensor
 
 NAME_1 = "gemma_scope"
 NAME_2 = "gemma_scope_2"

@@ -29,7 +29,8 @@ import torch
 from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
-from ._common import expect_object, LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, read_json, read_safetensors, t_, tensor
+from ..._files import expect_object, read_json, read_safetensors
+from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, t_, tensor
 
 NAME = "llama_scope"
 CONFIG = "hyperparams.json"

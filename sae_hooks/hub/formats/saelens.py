@@ -35,7 +35,8 @@ import torch
 from ...config import SAEConfig, parse_dtype
 from ...errors import ConfigError, SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
-from ._common import expect_object, LoadOptions, build, get, make_site, positive_int, read_json, read_safetensors, t_, tensor
+from ..._files import expect_object, read_json, read_safetensors
+from ._common import LoadOptions, build, get, make_site, positive_int, t_, tensor
 
 NAME = "saelens"
 CONFIG = "cfg.json"
