@@ -69,6 +69,23 @@ def build_tl_model(kind: str):
 TL_KINDS = ["bridge_native", "bridge_hf", "hooked_transformer"]
 
 
+def docstring_texts() -> list[str]:
+    """Real English text for tests on the embedded model: docstrings of a few stdlib modules, in a fixed order."""
+    import importlib
+    import inspect
+
+    out = []
+    for name in ["collections", "json", "os", "re", "inspect", "argparse", "functools", "itertools", "logging",
+                 "textwrap", "string", "datetime", "pathlib", "typing", "subprocess"]:
+        mod = importlib.import_module(name)
+        for _, obj in sorted(vars(mod).items()):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == mod.__name__:
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 80:
+                    out.append(doc)
+    return out
+
+
 @pytest.fixture(scope="module")
 def hf():
     """The tiny random HF GPT-2 of :func:`tiny_hf_gpt2` (deep-copy it before wrapping: wrappers mutate)."""

@@ -3,8 +3,6 @@ attach/capture/splice, save/load."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 
 import pytest
@@ -13,6 +11,8 @@ import torch
 from sae_hooks.errors import ConfigError, SAEFormatError
 from sae_hooks.jacobian import FrozenMLP
 from sae_hooks.saes import JacobianSAEPair, attach_pair, make_jsae_pair
+
+from conftest import docstring_texts
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,19 +122,6 @@ def test_save_load_roundtrip_exact(tmp_path):
 # On the embedded model -------------------------------------------------------------------------------
 
 
-def _texts() -> list[str]:
-    out = []
-    for name in ["collections", "json", "os", "re", "inspect", "argparse", "functools", "itertools", "logging",
-                 "textwrap", "string", "datetime", "pathlib", "typing", "subprocess"]:
-        mod = importlib.import_module(name)
-        for _, obj in sorted(vars(mod).items()):
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == mod.__name__:
-                doc = inspect.getdoc(obj)
-                if doc and len(doc) > 80:
-                    out.append(doc)
-    return out
-
-
 @pytest.fixture(scope="module")
 def embedded():
     try:
@@ -151,7 +138,7 @@ def embedded():
     torch.manual_seed(0)
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = attach(TransformerBridge.boot_transformers(path, device="cpu"))
-    batches = pack_texts(tok, _texts(), seq_len=65, batch_size=4, bos_token_id=0)
+    batches = pack_texts(tok, docstring_texts(), seq_len=65, batch_size=4, bos_token_id=0)
     return model, batches
 
 

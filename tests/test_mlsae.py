@@ -3,13 +3,11 @@ per-layer evals on the embedded model."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 
 import pytest
 import torch
 
-from conftest import build_tl_model
+from conftest import build_tl_model, docstring_texts
 from sae_hooks import load_native, save
 from sae_hooks.saes import MultiLayerSAE, make_mlsae
 from sae_hooks.saes.multilayer import zero_special_tokens
@@ -141,19 +139,6 @@ def test_all_layers_equals_layer_by_layer_torch_adapter():
         h.remove()
 
 
-def _texts() -> list[str]:
-    out = []
-    for name in ["collections", "json", "os", "re", "inspect", "argparse", "functools", "itertools", "logging",
-                 "textwrap", "string", "datetime", "pathlib", "typing", "subprocess"]:
-        mod = importlib.import_module(name)
-        for _, obj in sorted(vars(mod).items()):
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == mod.__name__:
-                doc = inspect.getdoc(obj)
-                if doc and len(doc) > 80:
-                    out.append(doc)
-    return out
-
-
 def test_train_in_place_and_evaluate_on_embedded_model():
     """Train an MLSAE in place on the embedded model (GPT-2 arch, 4 layers, d_model 128) and check what
     the method promises (methods.md §1.5): every layer is reconstructed far better than at init, no
@@ -179,7 +164,7 @@ def test_train_in_place_and_evaluate_on_embedded_model():
         tok = transformers.AutoTokenizer.from_pretrained(path)
         model = TransformerBridge.boot_transformers(path, device="cpu")
         n_layers, d = model.cfg.n_layers, model.cfg.d_model
-        batches = pack_texts(tok, _texts(), seq_len=64, batch_size=4, bos_token_id=0)
+        batches = pack_texts(tok, docstring_texts(), seq_len=64, batch_size=4, bos_token_id=0)
         steps = 140
         assert len(batches) >= steps + 4
         train, held_out = batches[:steps], torch.cat(batches[-4:])
