@@ -63,12 +63,14 @@ def main() -> None:
         acts = cache[hook]
         for _ in range(3):  # warm-up
             model(tokens), sae(acts)
-        plain, sae_only, spliced = [], [], []
+        plain, sae_only, spliced, by_hand = [], [], [], []
         for _ in range(args.repeats):
             plain.append(timed(lambda: model(tokens), sync))
             sae_only.append(timed(lambda: sae(acts), sync))
             with model.saes(sae, hook=hook):
                 spliced.append(timed(lambda: model(tokens), sync))
+            with model.hooks(fwd_hooks=[(hook, lambda x, hook: sae(x))]):  # what a user writes by hand
+                by_hand.append(timed(lambda: model(tokens), sync))
     base = statistics.median(plain) + statistics.median(sae_only)
     ratio = statistics.median(spliced) / base
     print(f"device={args.device} d_model={args.d_model} layers={args.layers} batch={args.batch} seq={args.seq} "
@@ -76,7 +78,9 @@ def main() -> None:
     print(f"plain forward          {statistics.median(plain) * 1e3:8.2f} ms")
     print(f"SAE forward alone      {statistics.median(sae_only) * 1e3:8.2f} ms")
     print(f"forward with SAE       {statistics.median(spliced) * 1e3:8.2f} ms")
+    print(f"plain hook + sae(x)    {statistics.median(by_hand) * 1e3:8.2f} ms")
     print(f"splice overhead ratio  {ratio:8.3f}  (goal <= 1.05)")
+    print(f"add_sae / hand hook    {statistics.median(spliced) / statistics.median(by_hand):8.3f}")
 
 
 if __name__ == "__main__":
