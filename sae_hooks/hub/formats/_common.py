@@ -13,10 +13,12 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ..._files import read_json, read_safetensors
 from ...config import SAEConfig, Site
 from ...errors import ConfigError, SAEFormatError, ShapeMismatchError, UnsafeCheckpointError
 from ...native import from_state_dict
@@ -56,6 +58,21 @@ class LoadOptions:
 
 
 # ------------------------------------------------------------------------------------------- readers
+
+
+def read_config_and_safetensors(
+    folder: str | os.PathLike,
+    config_name: str,
+    weights_name: str,
+    read_config: Callable[[dict[str, Any], str], dict[str, Any]],
+    opts: LoadOptions,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """The validated config, the raw tensors (on ``opts.map_location``) and the weights file's name,
+    for the formats that are one JSON config beside one safetensors file."""
+    folder = Path(folder)
+    config = read_config(read_json(folder / config_name), str(folder / config_name))
+    weights = folder / weights_name
+    return config, read_safetensors(weights, opts.map_location), str(weights)
 
 
 def read_npz(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -30,8 +30,8 @@ from typing import Any, Callable
 from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
-from ..._files import expect_object, read_json, read_safetensors
-from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, t_, tensor
+from ..._files import expect_object
+from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, t_, tensor, read_config_and_safetensors
 
 NAME = "sparsify"
 CONFIG = "cfg.json"
@@ -109,12 +109,8 @@ def read_config(raw: dict[str, Any], source: str = CONFIG) -> dict[str, Any]:
 
 def load(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
     opts = opts or LoadOptions()
-    folder = Path(folder)
-    source = str(folder / CONFIG)
-    c = read_config(read_json(folder / CONFIG), source)
-    weights = folder / WEIGHTS
-    wsrc = str(weights)
-    raw = read_safetensors(weights, opts.map_location)
+    c, raw, wsrc = read_config_and_safetensors(folder, CONFIG, WEIGHTS, read_config, opts)
+    source = str(Path(folder) / CONFIG)
     enc = tensor(raw, "encoder.weight", wsrc, 2)
     d_sae, d_in = enc.shape
     if d_in != c["d_in"]:
