@@ -198,6 +198,8 @@ class HubServer:
         self._lfs_objects: dict[str, _Blob] = {}
         self._faults: list[_Fault] = []
         self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0  # requests being handled; logged only after their response is sent
         self._counter = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -353,8 +355,13 @@ class HubServer:
             self._faults.clear()
 
     def clear_requests(self) -> None:
-        """Empty the request log."""
-        with self._lock:
+        """Empty the request log, once every request already being handled has been logged.
+
+        A handler logs its request after the response is sent, so the client can move on before the
+        record lands; waiting here keeps a late record of an earlier call out of the next one's log.
+        """
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=5.0)
             self.requests.clear()
 
     def content_gets(self, path: str | None = None) -> list[RequestRecord]:
@@ -372,9 +379,15 @@ class HubServer:
 
     # ------------------------------------------------------------------ internals
 
-    def _log(self, record: RequestRecord) -> None:
+    def _begin(self) -> None:
         with self._lock:
+            self._inflight += 1
+
+    def _log(self, record: RequestRecord) -> None:
+        with self._idle:
             self.requests.append(record)
+            self._inflight -= 1
+            self._idle.notify_all()
 
     def _take_fault(self, repo_id: str, path: str) -> _Fault | None:
         with self._lock:
@@ -479,6 +492,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._query = parse_qs(split.query)
         self._status = 0
         self._sent = 0
+        self.hub._begin()
         try:
             self._route(method, [unquote(s) for s in split.path.split("/")[1:]])
         except _HTTPError as err:
