@@ -100,8 +100,13 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
         if batch_tokens % world or buffer_tokens % world:
             sys.exit(f"sae-hooks train: --batch-tokens and --buffer-tokens must be divisible by the {world} ranks")
         batch_tokens, buffer_tokens = batch_tokens // world, buffer_tokens // world
+    site_out = args.site_out or []
+    if site_out and len(site_out) != len(args.site or []):
+        sys.exit(f"sae-hooks train: give one --site-out per --site (transcoders), got {len(site_out)} for {len(args.site or [])}")
+    pairs = list(zip(args.site, site_out)) if site_out else None  # (input site, target site) per transcoder
+    read_sites = list(dict.fromkeys([s for p in pairs for s in p])) if pairs else args.site
     if args.activations:
-        source = DiskSource(args.activations, args.site or None, shuffle=True, seed=args.seed, epochs=args.epochs)
+        source = DiskSource(args.activations, read_sites or None, shuffle=True, seed=args.seed, epochs=args.epochs)
         widths = source.manifest["widths"]
         if ddp:
             from .train.distributed import shard_disk_source
@@ -118,22 +123,25 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
         if ddp:
             repeated = repeated[rank::world]
         source = LiveSource(
-            model, args.site, repeated, bos_token_id=bos,
+            model, read_sites, repeated, bos_token_id=bos,
             autocast_dtype=torch.bfloat16 if args.bf16 else None,
         )
         widths = {s: t.shape[-1] for s, t in source.reader.read(batches[0][:1]).items()}  # one tiny forward
     buffer = ShuffleBuffer(source, batch_tokens=batch_tokens, size_tokens=buffer_tokens, seed=args.seed, device=device)
     entries = []
-    for site in source.sites:
+    for site, out in pairs or [(s, None) for s in source.sites]:
         d_in = int(widths[site])
         d_sae = args.d_sae or d_in * args.expansion
         for seed in args.seeds:
-            extra = {"k": args.k} if args.arch in ("topk", "batchtopk") else {}
+            extra: dict[str, Any] = {"k": args.k} if args.arch in ("topk", "batchtopk") else {}
+            if out is not None:
+                extra.update(d_out=int(widths[out]), skip=args.skip)
             sae = make_sae(args.arch, d_in, d_sae, **extra)
             settings = TrainSettings(lr=args.lr, seed=seed, l1_coefficient=args.l1, l0_coefficient=args.l0,
                                      dead_tokens=args.dead_tokens, warmup_steps=args.warmup)
-            name = f"{site}-{args.arch}-s{seed}".replace("/", "_")
-            entries.append(TrainEntry(name, site, sae, settings, device=None if dist_info else device))
+            kind = f"{args.arch}-tc" if out is not None else args.arch
+            name = f"{site}-{kind}-s{seed}".replace("/", "_")
+            entries.append(TrainEntry(name, site, sae, settings, device=None if dist_info else device, site_out=out))
     autocast = torch.bfloat16 if args.bf16 else None
     if dist_info is not None:
         from .train.distributed import DistributedTrainer
@@ -217,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_args(t)
     t.add_argument("--activations", help="folder written by `sae-hooks capture` (instead of a live model)")
     t.add_argument("--site", action="append", help="module path to train at (repeatable)")
+    t.add_argument("--site-out", action="append",
+                   help="train a transcoder from the matching --site to this site (repeatable, one per --site)")
+    t.add_argument("--skip", action="store_true", help="skip transcoders (a trained linear x @ W_skip path)")
     t.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "gated"])
     t.add_argument("--d-sae", type=int)
     t.add_argument("--expansion", type=int, default=8)

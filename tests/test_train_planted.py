@@ -59,17 +59,19 @@ def test_planted_features_recovered(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["batchtopk", "gated"])
 def test_other_architectures_learn(arch: str) -> None:
-    """BatchTopK and Gated train, reduce FVU well below 1, and have sane sparsity. (Planted recovery is
-    not asserted for them: in 600 steps BatchTopK reaches MMCS ~0.96, Gated only ~0.63.)"""
+    """BatchTopK and Gated recover the planted features too (MMCS ≈ 0.96 / 0.97 in 600 steps; Gated
+    was ≈ 0.65 before its encoder started at norm 0.1), reduce FVU, and have sane sparsity."""
     dictionary = planted_dictionary()
     extra = dict(k=3) if arch == "batchtopk" else dict(apply_b_dec_to_input=True)
     sae = make_sae(arch, D_IN, 128, **extra)
-    entry = TrainEntry(arch, "x", sae, TrainSettings(lr=3e-3, l1_coefficient=3.0))
+    entry = TrainEntry(arch, "x", sae, TrainSettings(lr=3e-3, l1_coefficient=5.0))
     Trainer([entry]).fit(planted_batches(dictionary, 600, 256), max_steps=600)
     m = entry.state.metrics
-    print(f"{arch}: MMCS {mmcs(dictionary, sae.W_dec.detach()):.4f}, metrics {m}")
+    score = mmcs(dictionary, sae.W_dec.detach())
+    print(f"{arch}: MMCS {score:.4f}, metrics {m}")
+    assert score >= 0.9, f"{arch} recovered planted features with MMCS {score:.3f} < 0.9"
     assert m["fvu"] < 0.3
-    assert m["l0"] < 20
+    assert m["l0"] < 8 if arch == "gated" else m["l0"] < 20
     if arch == "batchtopk":
         # Inference with the learned threshold gives about k active latents per token.
         x = next(planted_batches(dictionary, 1, 2048, seed=9))

@@ -71,6 +71,7 @@ def save_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = Non
         tensors[f"dead.{e.name}"] = e.tokens_since_fired.cpu()
         entries[e.name] = {
             "site": e.site,
+            "site_out": e.site_out,
             "settings": e.settings.to_dict(),
             "state": vars(e.state),
             "sae_cfg": e.sae.cfg.to_dict(),
@@ -111,6 +112,8 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = Non
         em = meta["entries"][e.name]
         if em["site"] != e.site:
             raise ConfigError(f"{path}: entry {e.name!r} was trained at {em['site']!r}, not {e.site!r}")
+        if em.get("site_out") != e.site_out:
+            raise ConfigError(f"{path}: entry {e.name!r} was trained with site_out {em.get('site_out')!r}, not {e.site_out!r}")
         e.settings = TrainSettings.from_dict(em["settings"])
         e.state = EntryState(**em["state"])
         e.sae.cfg = SAEConfig.from_dict(em["sae_cfg"])

@@ -346,7 +346,7 @@ class DistributedTrainer:
         self.sync = GradSync(group) if mode == "ddp" else None
         for e in self.all.entries:
             e.sync = self.sync
-        self.sites = sorted({e.site for e in self.local})
+        self.sites = sorted({s for e in self.local for s in e.sites})
 
     @property
     def is_main(self) -> bool:
@@ -392,7 +392,10 @@ class DistributedTrainer:
             self.sync.n_local, self.sync.n_total = n_local, n_total
         else:
             n_total = n_local
-        out = {e.name: e.train_step(batch[e.site], self.autocast_dtype) for e in self.local}
+        out = {}
+        for e in self.local:
+            x, target = e.batch_args(batch)
+            out[e.name] = e.train_step(x, self.autocast_dtype, target=target)
         self.all.step_count += 1
         self.all.tokens_seen += n_total
         return out

@@ -24,6 +24,11 @@ Conventions (``x`` is ``(N, d_in)``, ``x_hat`` the reconstruction, ``||·||`` th
   through frozen decoder copies).
 
 MSE is a sum over ``d`` and a mean over tokens (except ``topk``/``batchtopk``, which are normalised).
+
+Transcoders: every loss takes an optional ``target`` ``(N, d_out)``; the reconstruction ``x_hat`` is
+then the transcoder's prediction of ``target`` from ``x`` (plus ``x @ W_skip`` for skip transcoders,
+whose ``W_skip`` is trained by the same MSE; Gated's auxiliary path adds it frozen), and every
+``||x − ·||`` above reads ``||target − ·||``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ def _encoder_input(sae: SAE, x: Tensor) -> Tensor:
     return x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
 
 
+def _skip(sae: SAE, x: Tensor, detach: bool = False) -> Tensor | float:
+    """``x @ W_skip`` for skip transcoders, else 0."""
+    if not sae.cfg.skip:
+        return 0.0
+    return x @ (sae.W_skip.detach() if detach else sae.W_skip)
+
+
 def _mse(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x_hat - x).pow(2).sum(-1).mean()
 
@@ -64,36 +76,41 @@ def _dense_out(x: Tensor, x_hat: Tensor, f: Tensor, loss: Tensor, aux: Tensor) -
     return LossOutput(loss, _mse(x, x_hat).detach(), aux.detach(), active.any(0), active.sum(-1).float().mean())
 
 
-def relu_loss(sae: SAE, x: Tensor, l1_coefficient: float) -> LossOutput:
+def relu_loss(sae: SAE, x: Tensor, l1_coefficient: float, target: Tensor | None = None) -> LossOutput:
+    y = x if target is None else target
     f = torch.relu(sae.pre_acts(x))
-    x_hat = f @ sae.W_dec + sae.b_dec
+    x_hat = f @ sae.W_dec + sae.b_dec + _skip(sae, x)
     sparsity = (f * _decoder_norms(sae)).sum(-1).mean()
     aux = l1_coefficient * sparsity
-    return _dense_out(x, x_hat, f, _mse(x, x_hat) + aux, aux)
+    return _dense_out(y, x_hat, f, _mse(y, x_hat) + aux, aux)
 
 
-def jumprelu_loss(sae: SAE, x: Tensor, l0_coefficient: float, bandwidth: float) -> LossOutput:
+def jumprelu_loss(
+    sae: SAE, x: Tensor, l0_coefficient: float, bandwidth: float, target: Tensor | None = None,
+) -> LossOutput:
+    y = x if target is None else target
     pre = sae.pre_acts(x)
     f = jumprelu(pre, sae.threshold, bandwidth)
-    x_hat = f @ sae.W_dec + sae.b_dec
+    x_hat = f @ sae.W_dec + sae.b_dec + _skip(sae, x)
     l0 = step(pre, sae.threshold, bandwidth).sum(-1).mean()
     aux = l0_coefficient * l0
-    return _dense_out(x, x_hat, f, _mse(x, x_hat) + aux, aux)
+    return _dense_out(y, x_hat, f, _mse(y, x_hat) + aux, aux)
 
 
-def gated_loss(sae: SAE, x: Tensor, l1_coefficient: float) -> LossOutput:
+def gated_loss(sae: SAE, x: Tensor, l1_coefficient: float, target: Tensor | None = None) -> LossOutput:
+    y = x if target is None else target
     x_in = _encoder_input(sae, x)
     hidden = x_in @ sae.W_enc
     pi_gate = hidden + sae.b_gate
     gate = (pi_gate > 0).to(hidden.dtype)
     magnitude = torch.relu(hidden * torch.exp(sae.r_mag) + sae.b_mag)
     f = gate * magnitude
-    x_hat = f @ sae.W_dec + sae.b_dec
+    x_hat = f @ sae.W_dec + sae.b_dec + _skip(sae, x)
     gate_act = torch.relu(pi_gate)
     sparsity = l1_coefficient * (gate_act * _decoder_norms(sae)).sum(-1).mean()
-    aux_recon = gate_act @ sae.W_dec.detach() + sae.b_dec.detach()
-    aux = sparsity + _mse(x, aux_recon)
-    return _dense_out(x, x_hat, f, _mse(x, x_hat) + aux, aux)
+    aux_recon = gate_act @ sae.W_dec.detach() + sae.b_dec.detach() + _skip(sae, x, detach=True)
+    aux = sparsity + _mse(y, aux_recon)
+    return _dense_out(y, x_hat, f, _mse(y, x_hat) + aux, aux)
 
 
 def _auxk(
@@ -121,8 +138,9 @@ def _auxk(
 
 def topk_loss(
     sae: SAE, x: Tensor, mse_scale: float, dead: Tensor, aux_k: int, aux_coefficient: float,
-    aux_denom: Callable[[Tensor], Tensor] | None = None,
+    aux_denom: Callable[[Tensor], Tensor] | None = None, target: Tensor | None = None,
 ) -> LossOutput:
+    y = x if target is None else target
     x_in = _encoder_input(sae, x)
     b_enc = sae.b_enc if sae.has_encoder_bias else None
     with torch.no_grad():
@@ -131,11 +149,11 @@ def topk_loss(
             pre = pre + b_enc
         values, idx = pre.topk(int(sae.cfg.k), dim=-1, sorted=False)
     acts = torch.relu(gather_encode(x_in, sae.W_enc, b_enc, idx, values))
-    x_hat = sparse_decode(SparseLatents(acts, idx, sae.cfg.d_sae), sae.W_dec) + sae.b_dec
-    mse = _mse(x, x_hat)
+    x_hat = sparse_decode(SparseLatents(acts, idx, sae.cfg.d_sae), sae.W_dec) + sae.b_dec + _skip(sae, x)
+    mse = _mse(y, x_hat)
     loss = mse_scale * mse
     aux = torch.zeros((), device=x.device)
-    auxk = _auxk(sae, x_in, pre, (x - x_hat).detach(), dead, aux_k, aux_denom) if aux_coefficient else None
+    auxk = _auxk(sae, x_in, pre, (y - x_hat).detach(), dead, aux_k, aux_denom) if aux_coefficient else None
     if auxk is not None:
         aux = aux_coefficient * auxk
         loss = loss + aux
@@ -149,16 +167,17 @@ def topk_loss(
 
 def batchtopk_loss(
     sae: SAE, x: Tensor, mse_scale: float, dead: Tensor, aux_k: int, aux_coefficient: float, threshold_lr: float,
-    first_step: bool, aux_denom: Callable[[Tensor], Tensor] | None = None,
+    first_step: bool, aux_denom: Callable[[Tensor], Tensor] | None = None, target: Tensor | None = None,
 ) -> LossOutput:
+    y = x if target is None else target
     x_in = _encoder_input(sae, x)
     pre = sae.pre_acts(x)
     f = sae.batch_topk(pre)
-    x_hat = f @ sae.W_dec + sae.b_dec
-    mse = _mse(x, x_hat)
+    x_hat = f @ sae.W_dec + sae.b_dec + _skip(sae, x)
+    mse = _mse(y, x_hat)
     loss = mse_scale * mse
     aux = torch.zeros((), device=x.device)
-    auxk = _auxk(sae, x_in, pre.detach(), (x - x_hat).detach(), dead, aux_k, aux_denom) if aux_coefficient else None
+    auxk = _auxk(sae, x_in, pre.detach(), (y - x_hat).detach(), dead, aux_k, aux_denom) if aux_coefficient else None
     if auxk is not None:
         aux = aux_coefficient * auxk
         loss = loss + aux
@@ -170,6 +189,6 @@ def batchtopk_loss(
                 sae.threshold.copy_(low)
             else:
                 sae.threshold.add_(threshold_lr * (low - sae.threshold))
-    out = _dense_out(x, x_hat, f, loss, aux)
+    out = _dense_out(y, x_hat, f, loss, aux)
     out.mse = mse.detach()
     return out

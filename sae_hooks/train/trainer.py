@@ -55,7 +55,8 @@ class TrainSettings:
             ``None`` = on for ``topk``, ``batchtopk``, ``jumprelu``, ``gated`` (as in their papers),
             off for ``relu`` (whose L1 is weighted by decoder norms instead).
         decoder_init_norm: decoder row norm at init (encoder = decoder transposed); ``None`` = 1 with
-            unit-norm decoders, 0.1 otherwise (Anthropic's April 2024 init).
+            unit-norm decoders, 0.1 otherwise (Anthropic's April 2024 init); for ``gated`` ``None``
+            keeps unit decoder rows but starts the encoder at norm 0.1 (see ``_init_weights``).
         b_dec_init: ``geometric_median`` | ``mean`` | ``zeros`` of the first batch.
         normalize: ``scale``: multiply inputs by a constant (from the first batch) so that
             ``E||x||² = d_in``; stored as ``cfg.normalize="scale"`` during training and folded into the
@@ -128,6 +129,9 @@ class EntryState:
     skipped: int = 0
     initialised: bool = False
     mse_scale: float = 1.0
+    # Transcoders: the constant input / output scales (``normalize="scale"``), folded in at save.
+    in_scale: float = 1.0
+    out_scale: float = 1.0
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -136,6 +140,14 @@ class TrainEntry:
 
     ``init_weights=True`` re-initialises the SAE's weights from ``settings.seed`` (same seed, same
     architecture and shape ⇒ the same initial weights at every site).
+
+    Transcoders (``sae.cfg.is_transcoder`` or ``site_out`` given) read their input ``x (N, d_in)`` at
+    ``site`` and their target ``y (N, d_out)`` at ``site_out`` (rows of the same tokens, from the same
+    batch); the loss is ``MSE(y, transcoder(x))`` plus the architecture's sparsity term, ``b_dec``
+    starts at the target's median/mean, and ``normalize="scale"`` uses one constant for the input
+    (``E||c_in·x||² = d_in``) and another for the target (``E||c_out·y||² = d_out``); both are always
+    folded into the weights by :meth:`final_sae` (a config has room for only one scale). The
+    transcoder's config must have ``normalize="none"``.
     """
 
     def __init__(
@@ -146,8 +158,9 @@ class TrainEntry:
         settings: TrainSettings | None = None,
         init_weights: bool = True,
         device: str | torch.device | None = None,
+        site_out: str | None = None,
     ):
-        self.name, self.site = name, site
+        self.name, self.site, self.site_out = name, site, site_out
         self.settings = settings or TrainSettings()
         if device is not None:
             sae = sae.to(device)
@@ -159,8 +172,16 @@ class TrainEntry:
         arch = sae.cfg.architecture
         if arch not in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
             raise ConfigError(f"training is implemented for relu, topk, batchtopk, jumprelu, gated; not {arch!r}")
-        if sae.cfg.is_transcoder:
-            raise ConfigError(f"entry {name!r}: training transcoders is not supported yet")
+        self.transcoder = sae.cfg.is_transcoder or site_out is not None
+        if self.transcoder:
+            if site_out is None:
+                raise ConfigError(f"entry {name!r}: a transcoder (d_in={sae.cfg.d_in}, d_out={sae.cfg.output_dim}) needs site_out, the site of its target")
+            if site_out == site:
+                raise ConfigError(f"entry {name!r}: a transcoder's site_out must differ from its site {site!r}")
+            if sae.cfg.normalize != "none":
+                raise ConfigError(f"entry {name!r}: train transcoders with cfg.normalize='none' (TrainSettings.normalize scales input and target separately), got {sae.cfg.normalize!r}")
+            if sae.cfg.apply_b_dec_to_input:
+                raise ConfigError(f"entry {name!r}: apply_b_dec_to_input makes no sense for a transcoder")
         s = self.settings
         self.unit_norm = s.unit_norm_decoder if s.unit_norm_decoder is not None else arch in ("topk", "batchtopk", "jumprelu", "gated")
         if init_weights:
@@ -171,7 +192,20 @@ class TrainEntry:
         self.optimizer = torch.optim.Adam(params, lr=lr, betas=s.betas, eps=s.eps)
         if not sae.cfg.sites:
             kind = "hook" if site.rsplit(".", 1)[-1].startswith("hook_") else "module"
-            sae.cfg = sae.cfg.replace(sites=[Site(**{kind: site})])
+            fields = {kind: site}
+            if site_out is not None:
+                kind_out = "hook_out" if site_out.rsplit(".", 1)[-1].startswith("hook_") else "module_out"
+                fields[kind_out] = site_out
+            sae.cfg = sae.cfg.replace(sites=[Site(**fields)])
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The sites this entry reads from each batch: ``(site,)``, or ``(site, site_out)``."""
+        return (self.site, self.site_out) if self.site_out is not None else (self.site,)
+
+    def batch_args(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``(x, target)`` for :meth:`train_step` from a ``{site: (N, d)}`` batch (target ``None`` for SAEs)."""
+        return batch[self.site], (batch[self.site_out] if self.site_out is not None else None)
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -180,8 +214,17 @@ class TrainEntry:
         sae.reset_parameters(generator=g)
         norm = s.decoder_init_norm if s.decoder_init_norm is not None else (1.0 if self.unit_norm else 0.1)
         sae.W_dec.mul_(norm)
-        if sae.cfg.output_dim == sae.cfg.d_in:
-            sae.W_enc.copy_(sae.W_dec.T)
+        # Gated: the gate's L1 and the auxiliary loss act on ReLU(π_gate) directly, so a unit-norm
+        # tied encoder starts with ~half of the latents gated on at O(1) magnitudes and the gate never
+        # becomes sparse (planted MMCS ≈ 0.65 at L0 ≈ 13 for 3 true features). Start the encoder at
+        # Anthropic's 0.1 scale instead (decoder rows stay unit norm): MMCS ≈ 0.97, L0 ≈ 5.
+        enc_norm = 0.1 if s.decoder_init_norm is None and sae.cfg.architecture == "gated" else norm
+        if self.transcoder:
+            # Input and output live in different spaces: no tied init, unit-norm random encoder columns.
+            w = torch.randn(sae.cfg.d_in, sae.cfg.d_sae, generator=g)
+            sae.W_enc.copy_(w / w.norm(dim=0, keepdim=True) * enc_norm)
+        elif sae.cfg.output_dim == sae.cfg.d_in:
+            sae.W_enc.copy_(sae.W_dec.T * (enc_norm / norm))
         if sae.cfg.architecture == "jumprelu":
             sae.threshold.fill_(s.init_threshold)
 
@@ -207,59 +250,96 @@ class TrainEntry:
     # Data-dependent initialisation ---------------------------------------------------------------
 
     @torch.no_grad()
-    def _first_batch(self, x: Tensor) -> None:
+    def _first_batch(self, x: Tensor, y: Tensor | None = None) -> None:
         sae, s = self.sae, self.settings
+        if self.transcoder:
+            assert y is not None
+            if s.normalize == "scale":
+                self.state.in_scale = _scale_for(x, sae.cfg.d_in)
+                self.state.out_scale = _scale_for(y, sae.cfg.output_dim)
+            self._init_from_target(self._normalise(x, y)[2])
+            return
         if s.normalize == "scale" and sae.cfg.normalize == "none":
             c = math.sqrt(sae.cfg.d_in / x.double().pow(2).sum(-1).mean().clamp_min(1e-30).item())
             sae.cfg = sae.cfg.replace(normalize="scale", norm_scale=c)
         xn, _ = sae.normalize_input(x.to(sae.dtype))
+        self._init_from_target(xn)
+
+    @torch.no_grad()
+    def _init_from_target(self, yn: Tensor) -> None:
+        """``b_dec`` from the (normalised) reconstruction target, and the TopK MSE scale (≈ FVU)."""
+        sae, s = self.sae, self.settings
         if s.b_dec_init == "geometric_median":
-            sae.b_dec.copy_(geometric_median(xn).to(sae.dtype))
+            sae.b_dec.copy_(geometric_median(yn).to(sae.dtype))
         elif s.b_dec_init == "mean":
-            sae.b_dec.copy_(xn.mean(0))
-        var = (xn - xn.mean(0)).double().pow(2).sum(-1).mean().item()
+            sae.b_dec.copy_(yn.mean(0))
+        var = (yn - yn.mean(0)).double().pow(2).sum(-1).mean().item()
         self.state.mse_scale = 1.0 / max(var, 1e-30)
         self.state.initialised = True
 
+    def _normalise(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(xn, yn, target)`` in training coordinates: the SAE's own normalisation for an SAE (target
+        ``xn``), the two constant scales for a transcoder."""
+        if not self.transcoder:
+            xn, _ = self.sae.normalize_input(x.to(self.sae.dtype))
+            return xn, None, xn
+        assert y is not None
+        xn, yn = x * self.state.in_scale, y * self.state.out_scale
+        return xn, yn, yn
+
     # One step ------------------------------------------------------------------------------------
 
-    def loss(self, xn: Tensor) -> losses.LossOutput:
+    def loss(self, xn: Tensor, yn: Tensor | None = None) -> losses.LossOutput:
+        """The architecture's loss on normalised inputs ``xn`` (and, for a transcoder, targets ``yn``)."""
         sae, s, step = self.sae, self.settings, self.state.step
         arch = sae.cfg.architecture
         sp = self.sparsity_factor(step)
         if arch == "relu":
-            return losses.relu_loss(sae, xn, s.l1_coefficient * sp)
+            return losses.relu_loss(sae, xn, s.l1_coefficient * sp, target=yn)
         if arch == "gated":
-            return losses.gated_loss(sae, xn, s.l1_coefficient * sp)
+            return losses.gated_loss(sae, xn, s.l1_coefficient * sp, target=yn)
         if arch == "jumprelu":
-            return losses.jumprelu_loss(sae, xn, s.l0_coefficient * sp, s.bandwidth)
+            return losses.jumprelu_loss(sae, xn, s.l0_coefficient * sp, s.bandwidth, target=yn)
         denom = self.sync.aux_denom if self.sync is not None else None
         if arch == "topk":
-            return losses.topk_loss(sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, aux_denom=denom)
+            return losses.topk_loss(sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, aux_denom=denom, target=yn)
         return losses.batchtopk_loss(
             sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, s.threshold_lr, step == 0,
-            aux_denom=denom,
+            aux_denom=denom, target=yn,
         )
 
-    def train_step(self, x: Tensor, autocast_dtype: torch.dtype | None = None) -> dict[str, float] | None:
-        """One optimiser step on ``x (N, d_in)``; ``None`` (and no change at all) for a non-finite batch."""
+    def train_step(
+        self, x: Tensor, autocast_dtype: torch.dtype | None = None, target: Tensor | None = None,
+    ) -> dict[str, float] | None:
+        """One optimiser step on ``x (N, d_in)`` (a transcoder also needs ``target (N, d_out)``, the same
+        tokens at ``site_out``); ``None`` (and no change at all) for a non-finite batch."""
         sae = self.sae
         if x.dim() != 2 or x.shape[-1] != sae.cfg.d_in:
             raise ShapeMismatchError(f"entry {self.name!r} (site {self.site!r}) expects (N, {sae.cfg.d_in}) batches, got {tuple(x.shape)}")
         x = x.to(device=sae.device, dtype=sae.dtype)
-        finite = bool(torch.isfinite(x).all())
+        if self.transcoder:
+            d_out = sae.cfg.output_dim
+            if target is None:
+                raise ConfigError(f"entry {self.name!r} is a transcoder: train_step needs the target at {self.site_out!r}")
+            if target.dim() != 2 or target.shape != (x.shape[0], d_out):
+                raise ShapeMismatchError(f"entry {self.name!r} (site_out {self.site_out!r}) expects targets ({x.shape[0]}, {d_out}), got {tuple(target.shape)}")
+            target = target.to(device=sae.device, dtype=sae.dtype)
+        elif target is not None:
+            raise ConfigError(f"entry {self.name!r} is not a transcoder: it takes no target")
+        finite = bool(torch.isfinite(x).all()) and (target is None or bool(torch.isfinite(target).all()))
         if self.sync is not None:
             finite = self.sync.all_true(finite)
         if not finite:
             return self._skip("the batch contains NaN/inf")
         if not self.state.initialised:
-            self._first_batch(x if self.sync is None else self.sync.gather_rows(x))
-        xn, _ = sae.normalize_input(x)
+            gather = (lambda t: t) if self.sync is None else self.sync.gather_rows
+            self._first_batch(gather(x), None if target is None else gather(target))
+        xn, yn, goal = self._normalise(x, target)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.state.step)
         ctx = torch.autocast(sae.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         with ctx:
-            out = self.loss(xn)
+            out = self.loss(xn, yn)
         finite = bool(torch.isfinite(out.loss))
         if self.sync is not None:
             finite = self.sync.all_true(finite)
@@ -284,7 +364,7 @@ class TrainEntry:
             if self.sync is not None:
                 fired, n = self.sync.fired(fired, n)
             self.tokens_since_fired.add_(n).masked_fill_(fired, 0)
-            var = (xn - xn.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-30)
+            var = (goal - goal.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-30)
             metrics = {
                 "loss": out.loss.item(),
                 "mse": out.mse.item(),
@@ -311,11 +391,14 @@ class TrainEntry:
     def final_sae(self) -> SAE:
         """A copy of the SAE for inference: normalisation folded (if asked), training metadata set."""
         sae = copy.deepcopy(self.sae)
-        if self.settings.fold_normalization and sae.cfg.normalize == "scale" and self.state.initialised:
+        if self.transcoder:
+            fold_transcoder_scales(sae, self.state.in_scale, self.state.out_scale)
+        elif self.settings.fold_normalization and sae.cfg.normalize == "scale" and self.state.initialised:
             fold_scale(sae)
         meta = dict(sae.cfg.metadata)
         meta["training"] = {
             "site": self.site,
+            **({"site_out": self.site_out} if self.site_out is not None else {}),
             "steps": self.state.step,
             "tokens_seen": self.state.tokens_seen,
             "skipped_batches": self.state.skipped,
@@ -340,6 +423,26 @@ def fold_scale(sae: SAE) -> None:
     sae.W_dec.div_(c)
     sae.b_dec.div_(c)
     sae.cfg = sae.cfg.replace(normalize="none", norm_scale=None)
+
+
+@torch.no_grad()
+def fold_transcoder_scales(sae: SAE, in_scale: float, out_scale: float) -> None:
+    """Fold a transcoder's training scales (input ``c_in·x``, target ``c_out·y``) into its weights.
+
+    Trained: ``c_out·y ≈ f(c_in·x W_enc + b_enc) W_dec + b_dec + c_in·x W_skip``. So ``W_enc ← c_in·W_enc``
+    (pre-activations, thresholds and gates unchanged) and ``W_dec, b_dec ← /c_out``,
+    ``W_skip ← c_in/c_out·W_skip``: the saved transcoder maps model-space ``x`` to model-space ``y``.
+    """
+    sae.W_enc.mul_(in_scale)
+    sae.W_dec.div_(out_scale)
+    sae.b_dec.div_(out_scale)
+    if sae.cfg.skip:
+        sae.W_skip.mul_(in_scale / out_scale)
+
+
+def _scale_for(x: Tensor, d: int) -> float:
+    """The constant ``c`` with ``E||c·x||² = d`` on the rows of ``x (N, d)``."""
+    return math.sqrt(d / x.double().pow(2).sum(-1).mean().clamp_min(1e-30).item())
 
 
 def _remove_parallel_grad(sae: SAE) -> None:
@@ -382,7 +485,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.step_count = 0
         self.tokens_seen = 0
-        self.sites = sorted({e.site for e in self.entries})
+        self.sites = sorted({s for e in self.entries for s in e.sites})
 
     def entry(self, name: str) -> TrainEntry:
         for e in self.entries:
@@ -399,7 +502,10 @@ class Trainer:
         missing = [s for s in self.sites if s not in batch]
         if missing:
             raise ConfigError(f"batch lacks sites {missing} (has {sorted(batch)})")
-        out = {e.name: e.train_step(batch[e.site], self.autocast_dtype) for e in self.entries}
+        out = {}
+        for e in self.entries:
+            x, target = e.batch_args(batch)
+            out[e.name] = e.train_step(x, self.autocast_dtype, target=target)
         self.step_count += 1
         self.tokens_seen += int(next(iter(batch.values())).shape[0])
         return out
