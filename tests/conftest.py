@@ -91,5 +91,17 @@ def hf():
     """The tiny random HF GPT-2 of :func:`tiny_hf_gpt2` (deep-copy it before wrapping: wrappers mutate)."""
     return tiny_hf_gpt2()
 
+
+@pytest.fixture(scope="module")
+def sae():
+    """A ReLU SAE at ``blocks.0.hook_resid_post`` of :func:`tiny_hf_gpt2`, with a non-zero encoder bias."""
+    from sae_hooks import make_sae
+
+    torch.manual_seed(3)
+    s = make_sae("relu", 32, 48, sites=["blocks.0.hook_resid_post"])
+    with torch.no_grad():
+        s.b_enc.normal_(0, 0.3)
+    return s
+
 # Hugging Face Hub test server fixtures (tests/conftest_hub.py).
 from conftest_hub import hf_offline, hub_server  # noqa: E402, F401

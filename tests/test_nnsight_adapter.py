@@ -23,15 +23,6 @@ def model(hf):
     return attach(nnsight.NNsight(copy.deepcopy(hf)))
 
 
-@pytest.fixture(scope="module")
-def sae():
-    torch.manual_seed(3)
-    s = make_sae("relu", 32, 48, sites=["blocks.0.hook_resid_post"])
-    with torch.no_grad():
-        s.b_enc.normal_(0, 0.3)
-    return s
-
-
 def _spliced_truth(hf, sae, tokens, **kw):
     """Logits with layer 0's output replaced by the SAE reconstruction, by a raw hook."""
     m = copy.deepcopy(hf)

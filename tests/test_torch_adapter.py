@@ -23,15 +23,6 @@ def model(hf):
     return attach(copy.deepcopy(hf))
 
 
-@pytest.fixture(scope="module")
-def sae():
-    torch.manual_seed(3)
-    s = make_sae("relu", 32, 48, sites=["blocks.0.hook_resid_post"])
-    with torch.no_grad():
-        s.b_enc.normal_(0, 0.3)
-    return s
-
-
 def _hook_count(module):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
