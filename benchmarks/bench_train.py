@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for our SAE step")
     args = ap.parse_args()
     if args.model is None:
-        from sae_hooks.default_model import default_model_path
+        from sae_hooks.app.default_model import default_model_path
 
         args.model = str(default_model_path())
 

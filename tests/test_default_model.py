@@ -1,4 +1,4 @@
-"""The small trained causal LM shipped in sae_hooks/data/default_model (see sae_hooks.default_model)."""
+"""The small trained causal LM shipped in sae_hooks/data/default_model (see sae_hooks.app.default_model)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sae_hooks.default_model import default_model_path, default_model_report  # noqa: E402
+from sae_hooks.app.default_model import default_model_path, default_model_report  # noqa: E402
 
 MAX_BYTES = 8 * 1024 * 1024
 TEXT = "Return the cosine of x (measured in radians). The result is between -1 and 1."
@@ -59,7 +59,7 @@ def test_folder_exists_and_is_small(path):
 
 def test_module_imports_no_framework():
     code = (
-        "import sys, sae_hooks.default_model as m; m.default_model_path(); "
+        "import sys, sae_hooks.app.default_model as m; m.default_model_path(); "
         "bad = [n for n in ('transformers', 'transformer_lens', 'nnsight') if n in sys.modules]; "
         "assert not bad, bad"
     )
@@ -187,7 +187,7 @@ def test_transformer_lens_bridge_from_loaded_hf_model(path, hf_tokenizer, hf_mod
 @pytest.mark.filterwarnings("ignore:LanguageModel is deprecated")
 def test_nnsight_language_model_trace(path, hf_tokenizer, hf_model):
     nnsight = pytest.importorskip("nnsight")
-    # tokenizer passed explicitly: see sae_hooks.default_model (nnsight 0.8.1 + transformers 5)
+    # tokenizer passed explicitly: see sae_hooks.app.default_model (nnsight 0.8.1 + transformers 5)
     lm = nnsight.LanguageModel(str(path), tokenizer=hf_tokenizer)
     with lm.trace(TEXT):
         h0 = lm.transformer.h[0].output.save()
@@ -208,7 +208,7 @@ def test_nnsight_language_model_path_only(path, hf_model):
     except Exception as exc:  # noqa: BLE001
         if "Impossible to guess which tokenizer" in str(exc):
             pytest.xfail("nnsight 0.8.1 with transformers 5.x cannot infer the tokenizer of a "
-                         "local path; pass tokenizer= (see sae_hooks.default_model)")
+                         "local path; pass tokenizer= (see sae_hooks.app.default_model)")
         raise
     with lm.trace(TEXT):
         h0 = lm.transformer.h[0].output.save()

@@ -125,7 +125,7 @@ def test_save_load_roundtrip_exact(tmp_path):
 @pytest.fixture(scope="module")
 def embedded():
     try:
-        from sae_hooks.default_model import default_model_path
+        from sae_hooks.app.default_model import default_model_path
 
         path = str(default_model_path())
     except (ImportError, FileNotFoundError) as e:

@@ -146,7 +146,7 @@ def test_train_in_place_and_evaluate_on_embedded_model():
     the hardest (last) layer -- and splicing it in costs less CE and KL than the untrained one."""
     transformers = pytest.importorskip("transformers")
     try:
-        from sae_hooks.default_model import default_model_path
+        from sae_hooks.app.default_model import default_model_path
 
         path = str(default_model_path())
     except (ImportError, FileNotFoundError) as e:

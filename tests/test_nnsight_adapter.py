@@ -127,7 +127,7 @@ def test_language_model_on_embedded_model_steers_generation():
     from nnsight import LanguageModel
 
     from sae_hooks.adapters.nnsight import attach
-    from sae_hooks.default_model import default_model_path
+    from sae_hooks.app.default_model import default_model_path
 
     path = str(default_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(path)

@@ -14,7 +14,7 @@ from sae_hooks.train import (
     IteratorSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, fold_scale, geometric_median,
     load_checkpoint, save_checkpoint,
 )
-from sae_hooks.train.autograd import gather_encode, jumprelu, step
+from sae_hooks.saes.kernels import gather_encode, jumprelu, step
 
 
 def test_jumprelu_threshold_gradients_match_closed_form() -> None:

@@ -255,7 +255,7 @@ def test_cli_under_torchrun(tmp_path: Path) -> None:
     capture(model, ["1"], [torch.randint(1, 50, (4, 32)) for _ in range(8)], tmp_path / "acts", shard_tokens=128)
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "sae_hooks.cli", "train", "--activations", str(tmp_path / "acts"), "--distributed", "ddp",
+           "-m", "sae_hooks.app.cli", "train", "--activations", str(tmp_path / "acts"), "--distributed", "ddp",
            "--steps", "100", "--batch-tokens", "64", "--buffer-tokens", "128", "--d-sae", "32", "--k", "4",
            "--out", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "4",
            "--no-progress"]

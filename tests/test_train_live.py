@@ -102,7 +102,7 @@ def test_capture_to_disk_and_replay(tmp_path) -> None:
 
 
 def test_trained_sae_on_embedded_model_recovers_ce_loss() -> None:
-    from sae_hooks.train.demo import load_default_model, pydoc_texts
+    from sae_hooks.app.demo import load_default_model, pydoc_texts
     from sae_hooks.train.sources import pack_texts
 
     model, tok = load_default_model()
@@ -133,7 +133,7 @@ def test_trained_sae_on_embedded_model_recovers_ce_loss() -> None:
 
 
 def test_cli_capture_train_eval(tmp_path, capsys) -> None:
-    from sae_hooks.cli import main
+    from sae_hooks.app.cli import main
 
     acts = tmp_path / "acts"
     assert main(["capture", "--site", "transformer.h.0", "--out", str(acts), "--seq-len", "64", "--batch-size", "8",

@@ -138,7 +138,7 @@ def test_mlp_transcoder_on_embedded_model() -> None:
     from adapters.torch import attach
     from sae_hooks.metrics import hooks_splice_runner, next_token_ce, splice_metrics
     from sae_hooks.train import ActivationReader, LiveSource
-    from sae_hooks.train.demo import load_default_model, pydoc_texts
+    from sae_hooks.app.demo import load_default_model, pydoc_texts
     from sae_hooks.train.hooks import site_hooks
     from sae_hooks.train.sources import pack_texts, token_mask
 
@@ -202,7 +202,7 @@ def test_mlp_transcoder_on_embedded_model() -> None:
 
 def test_cli_trains_a_transcoder(tmp_path) -> None:
     pytest.importorskip("transformers")
-    from sae_hooks.cli import main
+    from sae_hooks.app.cli import main
 
     out = tmp_path / "out"
     assert main(["train", "--site", "transformer.h.0.ln_2", "--site-out", "transformer.h.0.mlp", "--skip", "--arch", "topk",

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..saes.base import SAE, SparseLatents, sparse_decode
-from .autograd import gather_encode, jumprelu, step
+from ..saes.kernels import gather_encode, jumprelu, step
 
 
 @dataclass

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..errors import ShapeMismatchError
 from ..saes.base import SparseLatents, sparse_decode
 from ..saes.multilayer import MultiLayerSAE, zero_special_tokens
-from .autograd import gather_encode
+from ..saes.kernels import gather_encode
 from .sources import ActivationReader
 from .trainer import geometric_median
 

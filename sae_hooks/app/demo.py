@@ -15,9 +15,9 @@ import torch
 
 from ..metrics import hooks_splice_runner, reconstruction_metrics, splice_metrics
 from ..saes.registry import make_sae
-from .buffer import ShuffleBuffer
-from .sources import ActivationReader, LiveSource, pack_texts
-from .trainer import Trainer, TrainEntry, TrainSettings
+from ..train.buffer import ShuffleBuffer
+from ..train.sources import ActivationReader, LiveSource, pack_texts
+from ..train.trainer import Trainer, TrainEntry, TrainSettings
 
 
 @dataclass
@@ -49,7 +49,7 @@ def pydoc_texts() -> tuple[list[str], list[str]]:
 def load_default_model() -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..default_model import default_model_path
+    from .default_model import default_model_path
 
     path = str(default_model_path())
     model = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -30,7 +30,7 @@ The report (``training_report.json``, see :func:`default_model_report`)
 
 Loading it (the core of sae-hooks never imports these frameworks; you do)::
 
-    from sae_hooks.default_model import default_model_path
+    from sae_hooks.app.default_model import default_model_path
     path = str(default_model_path())
 
     # Hugging Face transformers
@@ -80,7 +80,7 @@ def default_model_path() -> Path:
     Raises:
         FileNotFoundError: the folder is missing (e.g. a build that dropped package data).
     """
-    path = Path(__file__).resolve().parent / "data" / _DIRNAME
+    path = Path(__file__).resolve().parent.parent / "data" / _DIRNAME
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"the default model is missing from {path}; rebuild it with "

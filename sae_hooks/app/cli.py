@@ -21,7 +21,7 @@ def _texts(files: list[str] | None) -> tuple[list[str], list[str]]:
     if files:
         texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
         return texts, texts[:: max(1, len(texts) // 4)] if len(texts) > 1 else texts
-    from .train.demo import pydoc_texts
+    from .demo import pydoc_texts
 
     return pydoc_texts()
 
@@ -41,7 +41,7 @@ def _load_model(path: str | None) -> tuple[Any, Any]:
 
 
 def _token_batches(tok: Any, texts: list[str], args: argparse.Namespace) -> tuple[list[torch.Tensor], int]:
-    from .train.sources import pack_texts
+    from ..train.sources import pack_texts
 
     bos = tok.bos_token_id if tok.bos_token_id is not None else 0
     return pack_texts(tok, texts, args.seq_len, args.batch_size, bos), bos
@@ -79,7 +79,7 @@ def _loggers(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "distributed", None):
-        from .train.distributed import distributed_context
+        from ..train.distributed import distributed_context
 
         with distributed_context() as info:
             return _train(args, info)
@@ -88,9 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, dist_info: Any) -> int:
     """``sae-hooks train``; ``dist_info`` (a :class:`~.train.distributed.DistInfo`) under ``--distributed``."""
-    from .saes.registry import make_sae
-    from .train import DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
-    from .train.trainer import pick_device
+    from ..saes.registry import make_sae
+    from ..train import DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
+    from ..train.trainer import pick_device
 
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     ddp = dist_info is not None and args.distributed == "ddp"
@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
         source = DiskSource(args.activations, read_sites or None, shuffle=True, seed=args.seed, epochs=args.epochs)
         widths = source.manifest["widths"]
         if ddp:
-            from .train.distributed import shard_disk_source
+            from ..train.distributed import shard_disk_source
 
             shard_disk_source(source, rank, world)
     else:
@@ -144,7 +144,7 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
             entries.append(TrainEntry(name, site, sae, settings, device=None if dist_info else device, site_out=out))
     autocast = torch.bfloat16 if args.bf16 else None
     if dist_info is not None:
-        from .train.distributed import DistributedTrainer
+        from ..train.distributed import DistributedTrainer
 
         trainer: Any = DistributedTrainer(entries, args.distributed, device=device, autocast_dtype=autocast)
         if args.resume:
@@ -166,7 +166,7 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from .train.sources import capture
+    from ..train.sources import capture
 
     model, tok = _load_model(args.model)
     texts, _ = _texts(args.texts)
@@ -182,7 +182,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
                   progress=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
-    from .train.sources import read_manifest
+    from ..train.sources import read_manifest
 
     m = read_manifest(out)
     print(f"wrote {m['tokens']:,} tokens x {len(m['sites'])} site(s) in {len(m['shards'])} shard(s) to {out}")
@@ -190,9 +190,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .metrics import hooks_splice_runner, reconstruction_metrics, splice_metrics
-    from .native import load
-    from .train.sources import ActivationReader
+    from ..metrics import hooks_splice_runner, reconstruction_metrics, splice_metrics
+    from ..native import load
+    from ..train.sources import ActivationReader
 
     sae = load(args.sae).eval()
     site = args.site or (sae.cfg.sites[0].module if sae.cfg.sites else None)
@@ -210,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .train.demo import DemoConfig, run_demo
+    from .demo import DemoConfig, run_demo
 
     torch.set_num_threads(args.threads)
     run_demo(DemoConfig(steps=args.steps), progress=not args.no_progress, out_dir=args.out)
