@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="also save the SAE here")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
+
+    from .commands import register_all
+
+    register_all(sub)
     return ap
 
 
