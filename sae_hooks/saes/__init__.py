@@ -4,7 +4,7 @@ from .base import SAE, NormState, SparseLatents, sparse_decode, to_dense
 from .batchtopk import BatchTopKSAE
 from .gated import GatedSAE
 from .groupmax import GroupMaxSAE
-from .jacobian import JacobianSAEPair, attach_pair, make_jsae_pair
+from .jacobian import JacobianSAEPair, make_jsae_pair
 from .jumprelu import JumpReLUSAE
 from .multilayer import MultiLayerSAE, make_mlsae
 from .registry import ALIASES, build_sae, make_sae, register_sae_class, registered_architectures, sae_class
@@ -17,6 +17,6 @@ for _cls in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE, GroupMaxSAE,
 __all__ = [
     "SAE", "NormState", "SparseLatents", "sparse_decode", "to_dense",
     "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE", "GroupMaxSAE", "MultiLayerSAE",
-    "JacobianSAEPair", "attach_pair", "make_jsae_pair", "make_mlsae",
+    "JacobianSAEPair", "make_jsae_pair", "make_mlsae",
     "ALIASES", "build_sae", "make_sae", "register_sae_class", "registered_architectures", "sae_class",
 ]

@@ -18,11 +18,9 @@ activation), ``input/`` and ``output/`` (native SAE folders) and ``mlp.safetenso
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,92 +182,4 @@ def make_jsae_pair(
     return JacobianSAEPair(saes[0], saes[1], frozen, JSAEPairConfig(layer, hook_in, hook_out, model_name))
 
 
-# Attaching to a model --------------------------------------------------------------------------------
-
-
-class PairAttachment:
-    """The pair attached to a model (any adapter). ``att_in`` / ``att_out`` are the two SAEs'
-    :class:`~sae_hooks.attach.Attachment` (their latents are recorded under their hook names, e.g.
-    ``cache["blocks.2.ln2.hook_out.hook_sae_acts_post"]``); ``jacobian`` holds the last forward pass's
-    :class:`~sae_hooks.jacobian.SparseJacobian` when ``jacobian=True``."""
-
-    def __init__(self) -> None:
-        self.att_in = None
-        self.att_out = None
-        self.jacobian: SparseJacobian | None = None
-        self._removers: list[Any] = []
-
-    def remove(self) -> None:
-        for r in reversed(self._removers):
-            r()
-        self._removers.clear()
-
-    def __enter__(self) -> PairAttachment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-def attach_pair(
-    model: Any,
-    pair: JacobianSAEPair,
-    *,
-    splice: str = "none",
-    error_term: bool = False,
-    jacobian: bool = True,
-    use_reconstruction: bool = False,
-    **add_sae_kwargs: Any,
-) -> PairAttachment:
-    """Attach both SAEs of ``pair`` to a model given the SAE API by an adapter.
-
-    Args:
-        splice: ``"none"`` (capture both), ``"in"``, ``"out"`` or ``"both"``: which SAE's
-            reconstruction the forward pass continues with.
-        error_term: splice with the error term (see :meth:`~sae_hooks.attach.SAEManager.add_sae`).
-        jacobian: compute the sparse Jacobian at the *true* MLP input each forward pass
-            (``use_reconstruction=True``: at the input SAE's reconstruction) into ``.jacobian``.
-        add_sae_kwargs: passed to both ``add_sae`` calls (e.g. ``skip_positions``).
-    """
-    if splice not in ("none", "in", "out", "both"):
-        raise ValueError(f"splice must be 'none', 'in', 'out' or 'both', got {splice!r}")
-    manager = getattr(model, "sae_manager", None)
-    if manager is None:
-        raise TypeError("attach_pair needs a model with the SAE API: call an adapter's attach(model) first")
-    pa = PairAttachment()
-    try:
-        if jacobian:  # installed before the input SAE so it sees the true MLP input
-            site = manager.backend.resolve(pair.cfg.hook_in)
-
-            def jac_hook(x: Tensor) -> None:
-                with torch.no_grad():
-                    pa.jacobian = pair.jacobian(x, use_reconstruction)
-                return None
-
-            pa._removers.append(manager.backend.install(site, jac_hook))
-        pa.att_in = model.add_sae(pair.sae_in, hook=pair.cfg.hook_in, splice=splice in ("in", "both"),
-                                  error_term=error_term, **add_sae_kwargs)
-        pa._removers.append(pa.att_in.remove)
-        pa.att_out = model.add_sae(pair.sae_out, hook=pair.cfg.hook_out, splice=splice in ("out", "both"),
-                                   error_term=error_term, **add_sae_kwargs)
-        pa._removers.append(pa.att_out.remove)
-    except BaseException:
-        pa.remove()
-        raise
-    return pa
-
-
-@contextlib.contextmanager
-def pair_attached(model: Any, pair: JacobianSAEPair, **kwargs: Any) -> Iterator[PairAttachment]:
-    """``with pair_attached(model, pair, splice="both") as pa: ...`` -- removed even on an exception."""
-    pa = attach_pair(model, pair, **kwargs)
-    try:
-        yield pa
-    finally:
-        pa.remove()
-
-
-__all__ = [
-    "JSAEPairConfig", "JacobianSAEPair", "PairAttachment", "attach_pair", "jsae_hooks", "make_jsae_pair",
-    "pair_attached",
-]
+__all__ = ["JSAEPairConfig", "JacobianSAEPair", "jsae_hooks", "make_jsae_pair"]
