@@ -249,11 +249,11 @@ def test_cli_under_torchrun(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from sae_hooks.train.sources import capture
+    from sae_hooks.train.sources import save_activations
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, D), torch.nn.Linear(D, D))
-    capture(model, ["1"], [torch.randint(1, 50, (4, 32)) for _ in range(8)], tmp_path / "acts", shard_tokens=128)
+    save_activations(model, ["1"], [torch.randint(1, 50, (4, 32)) for _ in range(8)], tmp_path / "acts", shard_tokens=128)
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "sae_hooks.app.cli", "train", "--activations", str(tmp_path / "acts"), "--distributed", "ddp",

@@ -138,7 +138,7 @@ def test_mlp_transcoder_on_embedded_model() -> None:
     from sae_hooks.metrics import hooks_splice_runner, next_token_ce, splice_metrics
     from sae_hooks.train import ActivationReader, LiveSource
     from sae_hooks.app.demo import load_default_model, pydoc_texts
-    from sae_hooks.train.hooks import site_hooks
+    from sae_hooks.sites import site_hooks
     from sae_hooks.train.sources import pack_texts, token_mask
 
     model, tok = load_default_model()

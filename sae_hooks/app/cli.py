@@ -1,8 +1,9 @@
-"""``sae-hooks`` command line: ``train``, ``capture``, ``eval``, ``demo``.
+"""``sae-hooks`` command line: ``train``, ``save-activations``, ``eval``, ``demo``.
 
 Models are Hugging Face causal LMs in a local folder (default: the embedded model); text comes from
-``--texts`` files (each file one document) or, by default, Python's pydoc topics. Sites are module
-paths (``transformer.h.1``). ``train`` can also read activations captured to disk (``--activations``).
+``--texts`` files (each file one document) or, by default, Python's pydoc topics. Sites are
+TransformerLens hook names (``blocks.1.hook_resid_post``), module paths (``transformer.h.1``) or
+``path:input``. ``train`` can also read activations saved to disk (``--activations``).
 Logging to wandb / tensorboard happens only when asked for and installed (imported lazily).
 """
 
@@ -176,8 +177,8 @@ def _arch_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if k in known}
 
 
-def cmd_capture(args: argparse.Namespace) -> int:
-    from ..train.sources import capture
+def cmd_save_activations(args: argparse.Namespace) -> int:
+    from ..train.sources import save_activations
 
     model, tok = _load_model(args.model)
     texts, _ = _texts(args.texts)
@@ -188,8 +189,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="capturing", unit="tok", unit_scale=True)
-    out = capture(model, args.site, batches, args.out, shard_tokens=args.shard_tokens, bos_token_id=bos,
+        bar = tqdm(desc="saving activations", unit="tok", unit_scale=True)
+    out = save_activations(model, args.site, batches, args.out, shard_tokens=args.shard_tokens, bos_token_id=bos,
                   progress=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
@@ -206,10 +207,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..train.sources import ActivationReader
 
     sae = load(args.sae).eval()
-    site = args.site or (sae.cfg.sites[0].module if sae.cfg.sites else None)
-    if not site:
-        sys.exit("sae-hooks eval: the SAE names no module site; pass --site")
     model, tok = _load_model(args.model)
+    site = args.site or _trained_site(model, sae)
+    if not site:
+        sys.exit("sae-hooks eval: the SAE names no site; pass --site")
     _, held = _texts(args.texts)
     batches, bos = _token_batches(tok, held, args)
     batches = batches[: args.batches]
@@ -218,6 +219,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result.update(splice_metrics(hooks_splice_runner(model, site, bos_token_id=bos), sae, batches))
     print(json.dumps(result, indent=1))
     return 0
+
+
+def _trained_site(model: Any, sae: Any) -> str | None:
+    """The SAE's own site on ``model``: its hook name, or its module path when the name does not resolve."""
+    from ..errors import HookNotFoundError
+    from ..sites import site_hooks
+
+    if not sae.cfg.sites:
+        return None
+    hook, module = sae.cfg.sites[0].hook, sae.cfg.sites[0].module
+    if hook and module:
+        try:
+            site_hooks(model, [hook])
+        except HookNotFoundError:
+            return module
+    return hook or module
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -241,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train SAEs in place (live model) or on captured activations")
     _add_text_args(t)
-    t.add_argument("--activations", help="folder written by `sae-hooks capture` (instead of a live model)")
-    t.add_argument("--site", action="append", help="module path to train at (repeatable)")
+    t.add_argument("--activations", help="folder written by `sae-hooks save-activations` (instead of a live model)")
+    t.add_argument("--site", action="append",
+                   help="where to train: a TransformerLens hook name, module path or path:input (repeatable)")
     t.add_argument("--site-out", action="append",
                    help="train a transcoder from the matching --site to this site (repeatable, one per --site)")
     t.add_argument("--skip", action="store_true", help="skip transcoders (a trained linear x @ W_skip path)")
@@ -276,19 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "shard = each rank its subset of the SAEs (same data)")
     t.set_defaults(fn=cmd_train)
 
-    c = sub.add_parser("capture", help="save activations at sites as safetensors shards")
+    c = sub.add_parser("save-activations", aliases=["capture"],
+                       help="save activations at sites as safetensors shards (alias: capture)")
     _add_text_args(c)
-    c.add_argument("--site", action="append", required=True)
+    c.add_argument("--site", action="append", required=True,
+                   help="a TransformerLens hook name, module path or path:input (repeatable)")
     c.add_argument("--out", required=True)
     c.add_argument("--shard-tokens", type=int, default=2**16)
     c.add_argument("--max-batches", type=int)
     c.add_argument("--no-progress", action="store_true")
-    c.set_defaults(fn=cmd_capture)
+    c.set_defaults(fn=cmd_save_activations)
 
     e = sub.add_parser("eval", help="FVU, L0, dead %%, CE loss recovered, KL of a saved SAE")
     _add_text_args(e)
     e.add_argument("sae", help="native SAE folder")
-    e.add_argument("--site", help="module path (default: the SAE's cfg.sites)")
+    e.add_argument("--site", help="hook name, module path or path:input (default: the SAE's cfg.sites)")
     e.add_argument("--batches", type=int, default=4)
     e.set_defaults(fn=cmd_eval)
 
