@@ -35,7 +35,6 @@ from ..errors import ConfigError
 from ..saes.training import ArchSettings, LossOutput, StepContext, remove_parallel_grad, unit_norm_rows_
 from . import checkpoint as _ckpt
 from .objectives import Objective, make_objective
-from .statistics import geometric_median  # noqa: F401 - re-exported
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 INPUT_SCALINGS = ("scale", "none")
@@ -306,11 +305,14 @@ class TrainEntry:
         if not self.pending:
             return None
         gathered = [{k: self.sync.gather_rows(v) for k, v in b.items()} for b in self.pending]
-        self.objective.prepare(gathered, self.settings)
+        keep = self.objective.prepare(gathered, self.settings) or [True] * len(gathered)
         self.state.initialised = True
         pending, self.pending, out = self.pending, [], None
-        for inputs in pending:
-            out = self._step(inputs, autocast_dtype) or out
+        for inputs, k in zip(pending, keep):
+            if k:
+                out = self._step(inputs, autocast_dtype) or out
+            else:
+                self.state.skipped += 1
         return out
 
     def _step(self, inputs: dict[str, Tensor], autocast_dtype: torch.dtype | None) -> dict[str, float] | None:
