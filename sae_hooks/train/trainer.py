@@ -281,7 +281,9 @@ class TrainEntry:
         ``target`` for a transcoder). Returns the metrics, or ``None`` with no change at all for a
         non-finite batch (and while the first ``init_batches`` batches are collected for the statistics)."""
         if isinstance(batch, Tensor):
-            batch = {self.site: batch} if target is None else {self.site: batch, self.site_out or "": target}
+            if target is not None and self.site_out is None:
+                raise ConfigError(f"entry {self.name!r} is not a transcoder: it takes no target")
+            batch = {self.site: batch} if target is None else {self.site: batch, self.site_out: target}
         elif target is not None:
             raise ConfigError(f"entry {self.name!r}: pass the target inside the batch dict")
         missing = [site for site in self.sites if site not in batch]

@@ -203,3 +203,21 @@ def test_mlsae_and_jsae_train_under_torch_distributed(tmp_path: Path) -> None:
     assert loss[-3:].mean() < 0.8 * loss[:3].mean()
     for k in [k for k in r0 if k.startswith("mlsae.")]:
         assert torch.equal(r0[k], r0["resumed." + k[6:]]), k
+
+
+def test_entry_errors_name_what_is_wrong() -> None:
+    from sae_hooks import make_sae
+    from sae_hooks.errors import ConfigError, ShapeMismatchError
+
+    with pytest.raises(ConfigError, match="not a transcoder"):
+        TrainEntry("e", "x", make_sae("relu", D, 32)).train_step(torch.randn(4, D), target=torch.randn(4, D))
+    with pytest.raises(ConfigError, match="several sites"):
+        TrainEntry("m", "blocks.0.hook_resid_post", make_mlsae(D, L, d_sae=32, k=4))
+    with pytest.raises(ConfigError, match="cannot train a Linear"):
+        TrainEntry("l", "x", torch.nn.Linear(2, 2))
+    j = jsae_entry()
+    with pytest.raises(ConfigError, match=f"lacks \\['{JSITE}'\\]"):
+        j.train_step({"elsewhere": torch.randn(4, D)})
+    m = mlsae_entry()
+    with pytest.raises(ShapeMismatchError, match="blocks.1.hook_resid_post"):
+        m.train_step({s: torch.randn(4, D if i != 1 else D + 1) for i, s in enumerate(SITES)})
