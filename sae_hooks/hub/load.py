@@ -267,8 +267,9 @@ def load(
 
     Args:
         repo_or_path: a local path, a release name (see :func:`list_pretrained`) or a Hub repo id.
-        sae_id: path of the SAE inside the folder/repo (``"layer_5/width_16k/average_l0_71"``, ``"layers.3"``,
-            ``"resid_post_mlp_v5_32k/autoencoders/5.pt"``); ``None``: the root.
+        sae_id: path of the SAE inside the folder/repo (``"layer_5/width_16k/average_l0_68"``, ``"layers.3"``,
+            ``"resid_post_mlp_v5_32k/autoencoders/5.pt"``), or for a release its SAELens id or path (see
+            ``list_pretrained(release)``); ``None``: the root.
         revision: Hub branch, tag or commit (default ``main``); all files come from one commit.
         format: skip detection (``"saelens"``, ``"sparsify"``, ``"gemma_scope"``, ... see ``detect``).
         device, dtype: where the weights go and what they become (``None``: cpu / the file's dtype).
@@ -288,28 +289,44 @@ def load(
 
 
 def _load_release(release, sae_id, revision, fmt, opts, token, cache_dir, local_files_only) -> SAE:  # noqa: ANN001
-    fields = release.match(sae_id)
     if not release.on_hub:
         url = release.url(sae_id or release.example)
         raise SAEIdNotFoundError(
             f"release {release.name!r} is not on the Hugging Face Hub ({release.verified}). Download "
             f"{url or release.source} yourself, then load(<that .pt file>)."
         )
+    if release.format is None and fmt is None:
+        raise _releases.UnsupportedReleaseError(
+            f"release {release.name!r} ({release.repo_id}) is listed, but {release.why}. Load its files with "
+            "format= once a loader exists, or convert them.")
     source = _HubSource(release.repo_id, revision, token, cache_dir, local_files_only)
-    if fields is None:
-        try:
-            valid = list_sae_ids(source.list())
-        except SAEHooksError:
-            valid = None
-        raise _releases.unknown_sae_id_error(release, sae_id, valid)
-    hook, hook_out = release.hooks_for(fields)
+    if release.listed:
+        listed = release.resolve(sae_id)
+        if listed is None:
+            raise _releases.unknown_sae_id_error(release, sae_id)
+        hook, hook_out = release.site(listed)
+        path = listed.path
+        if listed.norm_scaling_factor is not None and (fmt or release.format) == "saelens":
+            opts.norm_scaling_factor = opts.norm_scaling_factor or listed.norm_scaling_factor
+    else:
+        fields = release.match(sae_id)
+        if fields is None:
+            try:
+                valid = list_sae_ids(source.list())
+            except SAEHooksError:
+                valid = None
+            raise _releases.unknown_sae_id_error(release, sae_id, valid)
+        hook, hook_out = release.hooks_for(fields)
+        path = sae_id
     opts.hook = opts.hook or hook
     opts.hook_out = opts.hook_out or hook_out
     opts.model_name = opts.model_name or release.model
     opts.n_layers = opts.n_layers or release.n_layers
     try:
-        return _load_from(source, sae_id, fmt or release.format, opts)
+        return _load_from(source, path, fmt or release.format, opts)
     except SAEIdNotFoundError:
+        if release.listed:
+            raise
         raise _releases.unknown_sae_id_error(release, sae_id, list_sae_ids(source.list())) from None
 
 
@@ -337,7 +354,10 @@ def load_many(
             raise SAEIdNotFoundError(f"release {release.name!r} is not on the Hugging Face Hub: {release.source}")
         source = _HubSource(release.repo_id, revision, token, cache_dir, local_files_only)
     ids = list_sae_ids(source.list())
-    if release is not None:
+    if release is not None and release.listed:  # SAELens ids of the listed SAEs present in the repo
+        present = set(ids)
+        ids = sorted((s.id for s in release.saes if s.path in present), key=_natural)
+    elif release is not None:
         ids = [i for i in ids if release.match(i) is not None]
     chosen = [i for i in ids if fnmatch.fnmatchcase(i, pattern)]
     if not chosen:
