@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import SAEFormatError, SAEHooksError, close_matches
+from ..errors import ConfigError, SAEFormatError, SAEHooksError, close_matches
 from ..saes import SAE
 from . import releases as _releases
 from .detect import detect_format, is_sae_folder
@@ -33,6 +33,7 @@ from .releases import SAEIdNotFoundError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONFIG_NAMES = ("cfg.json", "config.json", "hyperparams.json")
+_CONVENTION_FORMATS = {"llama_scope", "lm_saes"}
 
 
 class UnknownSourceError(SAEHooksError, FileNotFoundError):
@@ -237,6 +238,9 @@ def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: 
                     f"{valid[:10]}{' ...' if len(valid) > 10 else ''}, or use load_many()"
                 ) from None
         raise
+    if opts.convention is not None and fmt.name not in _CONVENTION_FORMATS:
+        raise ConfigError(f"{where}: convention= applies to the formats {sorted(_CONVENTION_FORMATS)} only; this SAE "
+                          f"is {fmt.name!r}, whose authors' loader and SAELens's agree")
     needed = fmt.needed(rel)
     folder_root = source.fetch([f"{prefix}/{r}" if prefix else r for r in needed])
     folder = folder_root / prefix if prefix else folder_root
@@ -262,6 +266,7 @@ def load(
     model_name: str | None = None,
     n_layers: int | None = None,
     norm_scaling_factor: float | None = None,
+    convention: str | None = None,
 ) -> SAE:
     """Load one SAE from a local folder/file, a Hub repo, or a registered release.
 
@@ -277,9 +282,11 @@ def load(
             ``HF_HUB_OFFLINE``).
         hook, hook_out, model_name, n_layers: site information overriding what the format infers.
         norm_scaling_factor: SAELens ``expected_average_only_in`` constant to fold into the weights.
+        convention: Llama Scope / lm-saes only: ``"authors"`` (default: what the authors' loader computes) or
+            ``"saelens"`` (SAELens's conversion); see ``docs/loading.md``.
     """
     opts = LoadOptions(device=device, dtype=dtype, hook=hook, hook_out=hook_out, model_name=model_name,
-                       n_layers=n_layers, norm_scaling_factor=norm_scaling_factor)
+                       n_layers=n_layers, norm_scaling_factor=norm_scaling_factor, convention=convention)
     source, file_id, release = _source_for(repo_or_path, revision, token, cache_dir, local_files_only)
     if release is not None:
         return _load_release(release, sae_id, revision, format, opts, token, cache_dir, local_files_only)
