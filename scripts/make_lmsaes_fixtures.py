@@ -15,6 +15,15 @@ then load the folder back with ``SparseAutoEncoder.from_pretrained`` (the author
 Usage::
 
     /work/wt/hub-refvenv/lm/bin/python scripts/make_lmsaes_fixtures.py tests/fixtures/golden/lm_saes
+
+``--new`` makes the newer layout instead (``config.json`` + ``sae_weights.safetensors``), inside a venv with
+``llamascopium`` at OpenMOSS/Language-Model-SAEs@95281ac (2.0.0b34; ``transformer-lens<3`` because it imports
+``HookedTransformer``): ``SAEConfig.save_hyperparameters`` + ``SparseAutoEncoder.save_pretrained`` write the files,
+``SparseAutoEncoder.from_pretrained(folder, fold_activation_scale=True)`` gives the golden outputs; the unfolded
+model (``fold_activation_scale=False``, the authors' default) is also recorded: ``latents_unfolded`` on
+``normalize_activations`` inputs and ``recon_unfolded`` after ``denormalize_activations``::
+
+    /work/wt/hub-refvenv/ls/bin/python scripts/make_lmsaes_fixtures.py --new tests/fixtures/golden/lm_saes_new
 """
 
 from __future__ import annotations
@@ -107,5 +116,66 @@ def main(out: Path) -> None:
     print(json.dumps(env), len(manifest), "fixtures")
 
 
+NEW = {
+    # name: (config kwargs, seed, norms {in, out} or None)
+    "jumprelu_sae": (dict(hook_point_in="blocks.3.hook_resid_post", hook_point_out="blocks.3.hook_resid_post",
+                          act_fn="jumprelu", norm_activation="dataset-wise"), 11, (5.0, 5.0)),
+    "jumprelu_transcoder": (dict(hook_point_in="blocks.3.ln2.hook_normalized", hook_point_out="blocks.3.hook_mlp_out",
+                                 act_fn="jumprelu", norm_activation="dataset-wise"), 12, (4.0, 9.0)),
+    "topk_sae": (dict(hook_point_in="blocks.5.hook_resid_post", hook_point_out="blocks.5.hook_resid_post",
+                      act_fn="topk", top_k=3, norm_activation="dataset-wise"), 13, (0.3, 0.3)),
+}
+
+
+def main_new(out: Path) -> None:
+    from llamascopium.models.sae import SAEConfig, SparseAutoEncoder
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    manifest = {}
+    for name, (kw, seed, norms) in NEW.items():
+        folder = out / name
+        folder.mkdir()
+        cfg = SAEConfig(d_model=D, expansion_factor=F / D, device="cpu", dtype=torch.float32, **kw)
+        sae = SparseAutoEncoder(cfg)
+        w = weights(seed)
+        g = torch.Generator().manual_seed(seed + 1000)
+        params = {"W_E": w["encoder.weight"].T.contiguous(), "b_E": w["encoder.bias"],
+                  "W_D": w["decoder.weight"].T.contiguous(), "b_D": w["decoder.bias"]}
+        if kw["act_fn"] == "jumprelu":
+            params["activation_function.log_jumprelu_threshold"] = torch.log(0.2 + torch.rand(F, generator=g))
+        with torch.no_grad():
+            for k, v in params.items():
+                sae.get_parameter(k).copy_(v)
+        sae.set_dataset_average_activation_norm({kw["hook_point_in"]: norms[0], kw["hook_point_out"]: norms[1]})
+        cfg.save_hyperparameters(folder)
+        sae.save_pretrained(folder)
+        x = torch.randn(5, 3, D, generator=torch.Generator().manual_seed(100 + seed)) * 2.0
+        ref = SparseAutoEncoder.from_pretrained(str(folder), fold_activation_scale=True)
+        raw = SparseAutoEncoder.from_pretrained(str(folder))
+        with torch.no_grad():
+            latents = ref.encode(x)
+            golden = {"x": x, "latents": latents, "decoded": ref.decode(latents), "recon": ref.forward(x)}
+            batch, scale = raw.normalize_activations({kw["hook_point_in"]: x, kw["hook_point_out"]: x},
+                                                      return_scale_factor=True)
+            lu = raw.encode(batch[kw["hook_point_in"]])
+            golden["latents_unfolded"] = lu
+            golden["recon_unfolded"] = raw.denormalize_activations(
+                {kw["hook_point_out"]: raw.decode(lu)}, scale)[kw["hook_point_out"]]
+        save_file({k: v.contiguous() for k, v in golden.items()}, str(folder / "golden.safetensors"))
+        manifest[name] = {"path": f"lm_saes_new/{name}", "files": sorted(p.name for p in folder.iterdir()),
+                          "l0": float((latents != 0).float().sum(-1).mean())}
+    import importlib.metadata as md
+
+    env = {p: md.version(p) for p in ("llamascopium", "torch", "transformer-lens", "safetensors")}
+    env["commit"] = os.environ.get("LM_SAES_COMMIT", "95281ac")
+    (out / "manifest.json").write_text(json.dumps({"environment": env, "fixtures": manifest}, indent=1) + "\n")
+    print(json.dumps(env), len(manifest), "fixtures")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--new":
+        main_new(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))
