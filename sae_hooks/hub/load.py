@@ -171,7 +171,7 @@ def list_sae_ids(files: list[str]) -> list[str]:
     for d, names in by_dir.items():
         if any(c in names for c in _CONFIG_NAMES) or d.rsplit("/", 1)[-1] == "checkpoints":
             continue
-        ids += [f"{d}/{n}" if d else n for n in names if n.endswith(".pt")]
+        ids += [f"{d}/{n}" if d else n for n in names if n.endswith(".pt") and n != "ae.pt"]
     return sorted(set(ids), key=_natural)
 
 
@@ -217,6 +217,8 @@ def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: 
     else:
         prefix = sid
         rel = _under(files, prefix)
+    if not files:
+        raise SAEIdNotFoundError(f"{source.where} holds no files at all{source.listing_note()}")
     if not rel:
         valid = list_sae_ids(files)
         close = close_matches(sid, valid, 5) or valid[:5]
