@@ -132,8 +132,8 @@ def test_list_pretrained_release_lists_its_saes_without_download():
 
 
 def test_unsupported_release_is_refused_clearly():
-    with pytest.raises(R.UnsupportedReleaseError, match="mwhanna/qwen3-4b-transcoders.*layer_N.safetensors"):
-        sae_hooks.load("mwhanna-qwen3-4b-transcoders", "layer_0")
+    with pytest.raises(R.UnsupportedReleaseError, match="mntss/clt-gemma-2-2b-2.5M.*cross-layer transcoder"):
+        sae_hooks.load("mntss-gemma-2-2b-2.5m-clt-as-per-layer", "layer_0")
 
 
 def test_openai_release_is_marked_not_on_hub():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...saes import SAE
-from . import dictionary_learning, gemma_scope, llama_scope, lm_saes, mlsae, native, openai, saelens, sparsify
+from . import circuit_tracer, dictionary_learning, gemma_scope, llama_scope, lm_saes, mlsae, native, openai, saelens, sparsify
 from ._common import LoadOptions
 
 
@@ -50,11 +50,14 @@ FORMATS: list[Format] = [
            "config.json + ae.pt"),
     Format(mlsae.NAME, mlsae.detect, mlsae.needed, mlsae.load, "config.json + model.safetensors"),
     Format(openai.NAME, openai.detect, openai.needed, openai.load, "exactly one *.pt file and no JSON config"),
+    Format(circuit_tracer.NAME, circuit_tracer.detect, circuit_tracer.needed, circuit_tracer.load,
+           "one layer_N.safetensors file (+ optional config.yaml)"),
 ]
 
 BY_NAME: dict[str, Format] = {f.name: f for f in FORMATS}
 ALIASES = {"native": "sae_hooks", "sae_lens": "saelens", "gemma_scope_1": "gemma_scope", "gemma-scope": "gemma_scope",
            "eleuther": "sparsify", "dictionary-learning": "dictionary_learning", "llama-scope": "llama_scope",
-           "llamascopium": "lm_saes", "lm-saes": "lm_saes"}
+           "llamascopium": "lm_saes", "lm-saes": "lm_saes",
+           "circuit-tracer": "circuit_tracer", "mwhanna_transcoder": "circuit_tracer"}
 
 __all__ = ["FORMATS", "BY_NAME", "ALIASES", "Format", "LoadOptions"]
