@@ -34,7 +34,7 @@ from .releases import SAEIdNotFoundError
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONFIG_NAMES = ("cfg.json", "config.json", "hyperparams.json")
 _CONVENTION_FORMATS = {"llama_scope", "lm_saes"}
-_FILE_FORMATS = {"openai", "circuit_tracer"}  # the sae_id names a file, not a folder
+_FILE_FORMATS = {"openai", "circuit_tracer", "connor_rob_hook_z"}  # the sae_id names a file, not a folder
 _ct_file = re.compile(r"^layer_\d+\.safetensors$")
 
 
@@ -214,8 +214,8 @@ def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: 
     sid = (sae_id or "").strip("/")
     if sid and sid in files:  # a file: OpenAI .pt, circuit-tracer layer_N.safetensors (or any file naming its folder)
         folder, _, name = sid.rpartition("/")
-        if name.endswith(".pt"):
-            rel = [name]
+        if name.endswith(".pt"):  # + its <name>_cfg.json when there is one
+            rel = [name] + [c for c in _under(files, folder) if c == name[: -len(".pt")] + "_cfg.json"]
         elif _ct_file.match(name):  # the file and the folder's config.yaml
             rel = [name] + [c for c in _under(files, folder) if c == "config.yaml"]
         else:

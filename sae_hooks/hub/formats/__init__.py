@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...saes import SAE
-from . import circuit_tracer, dictionary_learning, gemma_scope, llama_scope, lm_saes, mlsae, native, openai, saelens, sparsify
+from . import circuit_tracer, connor_rob_hook_z, dictionary_learning, gemma_scope, llama_scope, lm_saes, mlsae, native, openai, saelens, sparsify
 from ._common import LoadOptions
 
 
@@ -50,6 +50,8 @@ FORMATS: list[Format] = [
            "config.json + ae.pt"),
     Format(mlsae.NAME, mlsae.detect, mlsae.needed, mlsae.load, "config.json + model.safetensors"),
     Format(openai.NAME, openai.detect, openai.needed, openai.load, "exactly one *.pt file and no JSON config"),
+    Format(connor_rob_hook_z.NAME, connor_rob_hook_z.detect, connor_rob_hook_z.needed, connor_rob_hook_z.load,
+           "one <name>.pt + <name>_cfg.json (attention-output SAEs)"),
     Format(circuit_tracer.NAME, circuit_tracer.detect, circuit_tracer.needed, circuit_tracer.load,
            "one layer_N.safetensors file (+ optional config.yaml)"),
 ]
