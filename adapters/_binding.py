@@ -8,7 +8,7 @@ from typing import Any
 from sae_hooks.intervene import SAEManager
 
 #: The methods every adapter adds to the model it wraps.
-BOUND_METHODS = ("add_sae", "remove_sae", "reset_saes", "saes")
+BOUND_METHODS = ("add_sae", "remove_sae", "reset_saes", "saes", "run_with_saes", "run_with_cache_with_saes")
 
 
 def bind(model: Any, manager: SAEManager) -> None:

@@ -41,6 +41,7 @@ import fnmatch
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sae_hooks.errors import HookNotFoundError, did_you_mean
@@ -69,6 +70,8 @@ def attach(module: nn.Module, hook_names: str | dict[str, str] | None = "auto") 
     backend.manager = manager
     bind(module, manager)
     module.__dict__["sae_capture"] = backend.capture
+    if not hasattr(module, "run_with_cache"):
+        module.__dict__["run_with_cache"] = backend.run_with_cache
     wrap_generation(module, manager)
     backend.install_context_hook()
     return module
@@ -81,6 +84,8 @@ def detach(module: nn.Module) -> None:
         return
     manager.reset_saes()
     manager.backend.remove_context_hook()
+    if module.__dict__.get("run_with_cache") == manager.backend.run_with_cache:
+        del module.__dict__["run_with_cache"]
     for name in (*BOUND_METHODS, "sae_manager", "sae_capture", "generate"):
         module.__dict__.pop(name, None)
 
@@ -97,9 +102,17 @@ class _CacheRecorder:
 
     def __call__(self, name: str, value: Tensor) -> Tensor:
         key = f"{self.prefix}.{name}"
+        manager = self.backend.manager
+        # A KV-cached generation step feeds only the new tokens: append them along the position axis,
+        # so the cache holds every step (a forward from position 0 starts afresh).
+        stepping = manager is not None and manager._generating and manager.context.position_offset > 0
         for capture in self.backend.captures:
             if capture.selects(key):
-                capture[key] = value.detach() if capture.detach else value
+                new = value.detach() if capture.detach else value
+                old = dict.get(capture, key)
+                if stepping and old is not None and old.dim() == new.dim() >= 2 and old.shape[0] == new.shape[0]:
+                    new = torch.cat([old, new], dim=1)
+                capture[key] = new
         return value
 
 
@@ -165,6 +178,20 @@ class TorchBackend(ModuleSites):
             yield cache
         finally:
             self.captures.remove(cache)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def run_with_cache(
+        self, *args: Any, names_filter: str | Iterable[str] | Callable[[str], bool] | None = None,
+        detach: bool = True, **kwargs: Any,
+    ) -> tuple[Any, SAECache]:
+        """``(output, cache)``: one forward pass with the attached SAEs' tensors recorded (TransformerLens's
+        ``run_with_cache`` for the SAE tensors). For generation, ``with model.sae_capture() as cache:
+        model.generate(...)`` keeps every step."""
+        with self.capture(names_filter, detach=detach) as cache:
+            out = self.forward(*args, **kwargs)
+        return out, cache
 
     # Forward context -----------------------------------------------------------------------------
 

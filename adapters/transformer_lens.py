@@ -100,6 +100,12 @@ class TransformerLensBackend(HookDictSites):
 
         return remove
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return self.model.run_with_cache(*args, **kwargs)
+
     def recorder(self, prefix: str) -> tuple[_HookPointRecorder, Remover]:
         points = {}
         for record_name in RECORD_NAMES:

@@ -49,6 +49,12 @@ class Backend(Protocol):
     def recorder(self, prefix: str) -> tuple[Recorder, Remover]:
         """A recorder publishing tensors as ``f"{prefix}.{record_name}"``, and how to unpublish them."""
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model (what ``run_with_saes`` calls)."""
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """Run the model and return ``(output, cache)`` with the attached SAEs' tensors in the cache."""
+
 
 class Attachment:
     """An SAE attached at one or more sites. Returned by ``model.add_sae``; edit it, then ``remove()`` it.
@@ -340,18 +346,54 @@ class SAEManager:
         ``model.saes(saes=[sae_a, sae_b], use_error_term=True)`` works too. Other keywords are those of
         :meth:`add_sae` (unknown ones raise ``TypeError``). ``reset_saes_end=False`` leaves them attached.
         """
-        listed = kwargs.pop("saes", None)
+        todo = self._sae_list(positional, kwargs.pop("saes", None))
+        self._check_keywords(kwargs)
+        if not todo:
+            raise TypeError("saes() needs at least one SAE (positional or saes=[...])")
+        with self._temporarily(todo, reset_saes_end, kwargs) as attached:
+            yield attached
+
+    def run_with_saes(
+        self, *model_args: Any, saes: Any = (), reset_saes_end: bool = True, use_error_term: bool | None = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        """SAELens's ``run_with_saes``: run the model with ``saes`` attached (spliced; with the error term
+        when ``use_error_term=True``), then detach them (unless ``reset_saes_end=False``). SAEs already
+        attached stay and apply too."""
+        todo = self._sae_list((), saes)
+        with self._temporarily(todo, reset_saes_end, {"use_error_term": use_error_term}):
+            return self.backend.forward(*model_args, **model_kwargs)
+
+    def run_with_cache_with_saes(
+        self, *model_args: Any, saes: Any = (), reset_saes_end: bool = True, use_error_term: bool | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """SAELens's ``run_with_cache_with_saes``: ``(output, cache)`` with ``saes`` attached for the call;
+        the cache holds the SAEs' tensors (``"{site}.hook_sae_acts_post"``, ...)."""
+        todo = self._sae_list((), saes)
+        with self._temporarily(todo, reset_saes_end, {"use_error_term": use_error_term}):
+            return self.backend.run_with_cache(*model_args, **model_kwargs)
+
+    @staticmethod
+    def _sae_list(positional: Sequence[Any], listed: Any) -> list[Any]:
+        todo = list(positional)
+        if listed is not None:
+            todo += [listed] if isinstance(listed, SAE) or is_pair(listed) or not isinstance(listed, (list, tuple)) else list(listed)
+        return todo
+
+    @staticmethod
+    def _check_keywords(kwargs: dict[str, Any]) -> None:
         unknown = sorted(set(kwargs) - _ADD_SAE_KEYWORDS)
         if unknown:
             raise TypeError(
-                f"saes() got unexpected keyword argument(s) {unknown}; it takes saes= and reset_saes_end= "
+                f"got unexpected keyword argument(s) {unknown}; saes() takes saes= and reset_saes_end= "
                 f"plus add_sae's keywords {sorted(_ADD_SAE_KEYWORDS)}"
             )
-        todo = list(positional)
-        if listed is not None:
-            todo += [listed] if isinstance(listed, SAE) or is_pair(listed) else list(listed)
-        if not todo:
-            raise TypeError("saes() needs at least one SAE (positional or saes=[...])")
+
+    @contextlib.contextmanager
+    def _temporarily(self, todo: list[Any], reset_saes_end: bool, kwargs: dict[str, Any]) -> Iterator[list[Attachment]]:
+        self._check_keywords(kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if not (k == "use_error_term" and v is None)}
         attached: list[Attachment] = []
         try:
             for sae in todo:
