@@ -184,8 +184,11 @@ class SiteIntervention:
             edited = self._apply_latent_edits_dense(dense, ctx) if delta is not None else dense
             if skip is not None:
                 edited = edited * ~skip
-            dense_edited = record("hook_sae_acts_post", edited)
-            if dense_edited is not edited:  # a user hook changed the latents: decode its change
+            # Publish a copy: a user hook may edit it in place and return nothing (TransformerLens habit);
+            # ``edited`` itself stays intact, so the change is ``published - edited`` either way.
+            published = edited.clone()
+            dense_edited = record("hook_sae_acts_post", published)
+            if dense_edited is not published or not torch.equal(dense_edited, edited):
                 change = sae.decode(dense_edited - edited, None) - sae.b_dec
                 change = _scale_only(sae, change, state)
                 delta = change if delta is None else delta + change
@@ -197,7 +200,9 @@ class SiteIntervention:
         error = None
         wants_error = record.wants("hook_sae_error")
         if wants_error or (self.splice and self.error_term):  # not computed when nobody needs it
-            error = target_flat.to(recon.dtype) - recon
+            # In the model's dtype: with no edits decode(f') == x_hat exactly, so x_hat + error == x to
+            # the model's own precision even for a bf16 SAE on an fp32 model.
+            error = target_flat - recon.to(target_flat.dtype)
             if self.detach_error:
                 error = error.detach()
             if wants_error:
@@ -208,7 +213,7 @@ class SiteIntervention:
                 return None
             out = target_flat + (edited_recon - recon).to(target_flat.dtype)
         elif self.error_term:
-            out = (edited_recon + error).to(target_flat.dtype)
+            out = edited_recon.to(target_flat.dtype) + error
         else:
             out = edited_recon.to(target_flat.dtype)
         if steer is not None:
