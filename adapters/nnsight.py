@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from sae_hooks.errors import HookNotFoundError, SAEHooksError, did_you_mean
 from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 
-from ._binding import BOUND_METHODS, bind, wrap_generation
+from ._binding import OWN_KEYS, bind, wrap_generation
 from .torch import TorchBackend, _CacheRecorder
 
 try:  # nnsight is required by this adapter only.
@@ -90,7 +90,7 @@ def detach(model: Any) -> None:
     manager.reset_saes()
     manager.backend.remove_context_hook()
     model._module.__dict__.pop("generate", None)
-    for name in (*BOUND_METHODS, "sae_manager", "sae_capture", "sae_taps"):
+    for name in OWN_KEYS:
         model.__dict__.pop(name, None)
 
 

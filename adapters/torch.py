@@ -37,18 +37,21 @@ exception; :func:`detach` removes the adapter itself.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from sae_hooks.errors import HookNotFoundError, did_you_mean
 from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 from sae_hooks.sites import ModuleSites
 
-from ._binding import BOUND_METHODS, bind, wrap_generation
+from ._binding import OWN_KEYS, bind, wrap_generation
 
 def attach(module: nn.Module, hook_names: str | dict[str, str] | None = "auto") -> nn.Module:
     """Give ``module`` the SAE API (``add_sae``, ``remove_sae``, ``reset_saes``, ``saes``,
@@ -68,7 +71,7 @@ def attach(module: nn.Module, hook_names: str | dict[str, str] | None = "auto") 
     backend = TorchBackend(module, hook_names)
     manager = SAEManager(backend)
     backend.manager = manager
-    bind(module, manager)
+    bind(module, manager, functools.partial(_deepcopy_attached, module))
     module.__dict__["sae_capture"] = backend.capture
     if not hasattr(module, "run_with_cache"):
         module.__dict__["run_with_cache"] = backend.run_with_cache
@@ -84,10 +87,40 @@ def detach(module: nn.Module) -> None:
         return
     manager.reset_saes()
     manager.backend.remove_context_hook()
-    if module.__dict__.get("run_with_cache") == manager.backend.run_with_cache:
-        del module.__dict__["run_with_cache"]
-    for name in (*BOUND_METHODS, "sae_manager", "sae_capture", "generate"):
+    for name in OWN_KEYS:
+        if name == "run_with_cache" and module.__dict__.get(name) != manager.backend.run_with_cache:
+            continue
         module.__dict__.pop(name, None)
+
+
+def _deepcopy_attached(module: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of an attached module: a plain deep copy of the model (without the adapter's
+    hooks), attached anew, with the same SAEs (shared, not copied) at the same sites, same options and
+    copies of the edits. Edits on one no longer move the other."""
+    manager: SAEManager = module.__dict__["sae_manager"]
+    backend: TorchBackend = manager.backend
+    ours = {k: module.__dict__.pop(k) for k in OWN_KEYS if k in module.__dict__}
+    try:
+        clone = copy.deepcopy(module, memo)
+    finally:
+        module.__dict__.update(ours)
+    ids = backend.hook_ids()
+    for sub in clone.modules():
+        for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._forward_hooks_with_kwargs,
+                      sub._forward_pre_hooks_with_kwargs, sub._forward_hooks_always_called):
+            for i in ids:
+                hooks.pop(i, None)
+    attach(clone, backend.hook_names_arg)
+    for att in manager.attachments:
+        first = att.interventions[0]
+        new = clone.sae_manager._add(
+            att.sae, att.sites, site_out=att.sites_out[0] if att.sites_out else None, name=att.name,
+            splice=[s for s, i in zip(att.sites, att.interventions) if i.splice], error_term=first.error_term,
+            detach_error=first.detach_error, skip_positions=first.skip_positions, skip_tokens=first.skip_tokens,
+            replace=False,
+        )
+        new.edits.extend(copy.deepcopy(att.edits, memo))
+    return clone
 
 
 class _CacheRecorder:
@@ -148,6 +181,7 @@ class TorchBackend(ModuleSites):
 
     def __init__(self, module: nn.Module, hook_names: str | dict[str, str] | None = "auto"):
         super().__init__(module, hook_names)
+        self.hook_names_arg = hook_names
         self.manager: SAEManager | None = None
         self.captures: list[SAECache] = []
         self._context_handle: Any = None
@@ -181,6 +215,12 @@ class TorchBackend(ModuleSites):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
+
+    def hook_ids(self) -> set[int]:
+        """Ids of every torch hook this adapter registered (the context hook and the SAEs' hooks)."""
+        removers = [r for att in self.manager.attachments for r in att._removers] if self.manager else []
+        handles = [getattr(r, "__self__", None) for r in removers] + [self._context_handle]
+        return {h.id for h in handles if isinstance(h, RemovableHandle)}
 
     def run_with_cache(
         self, *args: Any, names_filter: str | Iterable[str] | Callable[[str], bool] | None = None,

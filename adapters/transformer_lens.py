@@ -14,6 +14,8 @@ that ``run_with_cache`` records and ``run_with_hooks`` can edit.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +52,35 @@ def attach(model: Any) -> Any:
     bind(model, manager)
     wrap_generation(model, manager, ("generate", "generate_stream", "hf_generate"))
     backend.install_context_hooks()
+    _wrap_reset(model, backend)
     return model
+
+
+def _wrap_reset(model: Any, backend: TransformerLensBackend) -> None:
+    """``reset_hooks(including_permanent=True)`` (and ``remove_all_hook_fns``) would remove the adapter's
+    permanent hooks behind its back: detach the SAEs properly first, and reinstall the adapter's own
+    position-tracking hook afterwards, so nothing stale stays listed and position filters stay right."""
+    for name in ("reset_hooks", "remove_all_hook_fns"):
+        original = getattr(model, name, None)
+        if original is None or getattr(original, "_sae_hooks_wrapped", False):
+            continue
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def reset(*args: Any, _original=original, _signature=signature, **kwargs: Any) -> Any:
+            bound = _signature.bind(*args, **kwargs).arguments
+            forward_too = bound.get("direction", "both") in ("fwd", "both")
+            permanent = bool(bound.get("including_permanent", False)) and forward_too
+            if permanent:
+                backend.manager.reset_saes()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                if permanent:
+                    backend.install_first_block_hook()
+
+        reset._sae_hooks_wrapped = True  # type: ignore[attr-defined]
+        model.__dict__[name] = reset
 
 
 class _HookPointRecorder:
@@ -171,6 +201,10 @@ class TransformerLensBackend(HookDictSites):
         embed = getattr(self.model, "embed", None)
         if isinstance(embed, nn.Module):
             embed.register_forward_pre_hook(embed_pre_hook, with_kwargs=True)
+        self._first_block_hook = first_block_hook
+        self.install_first_block_hook()
+
+    def install_first_block_hook(self) -> None:
         first = "blocks.0.hook_resid_pre"
         if first in self.model.hook_dict:
-            self.hook_point(first).add_hook(first_block_hook, dir="fwd", is_permanent=True)
+            self.hook_point(first).add_hook(self._first_block_hook, dir="fwd", is_permanent=True)
