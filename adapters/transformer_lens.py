@@ -90,7 +90,8 @@ class _HookPointRecorder:
         self.points = points
 
     def wants(self, name: str) -> bool:
-        return bool(self.points[name].fwd_hooks)
+        point = self.points[name]
+        return bool(point.fwd_hooks or point.bwd_hooks)  # a backward hook alone needs the tensor too
 
     def __call__(self, name: str, value: Tensor) -> Tensor:
         return self.points[name](value)

@@ -188,7 +188,11 @@ class SiteIntervention:
             # ``edited`` itself stays intact, so the change is ``published - edited`` either way.
             published = edited.clone()
             dense_edited = record("hook_sae_acts_post", published)
-            if dense_edited is not published or not torch.equal(dense_edited, edited):
+            in_graph = torch.is_grad_enabled() and dense_edited.requires_grad
+            if in_graph or dense_edited is not published or not torch.equal(dense_edited, edited):
+                # Decode the user's change. With autograd on, also when it is zero: the recorded latents
+                # then feed the output (exactly ``+ 0``), so their gradient, backward hooks on them and
+                # attribution work for every architecture, sparse TopK latents included.
                 change = sae.decode(dense_edited - edited, None) - sae.b_dec
                 change = _scale_only(sae, change, state)
                 delta = change if delta is None else delta + change
