@@ -145,6 +145,8 @@ class SiteIntervention:
     skip_positions: PositionSpec = None
     skip_tokens: Sequence[int] | None = None
     edits: list[LatentEdit | Steering] = field(default_factory=list)
+    #: Extra recorder run after the adapter's (e.g. attribution); its result is what the forward uses.
+    probe: Recorder | None = None
 
     def __call__(
         self,
@@ -161,6 +163,8 @@ class SiteIntervention:
         """
         ctx = ctx or ForwardContext()
         record = record or NullRecorder()
+        if self.probe is not None:
+            record = _Chain(record, self.probe)
         sae = self.sae
         target = x if x_out is None else x_out
         hook_z = target.shape[-1] != sae.cfg.output_dim  # (..., n_heads, d_head) sites keep their shape
@@ -210,7 +214,7 @@ class SiteIntervention:
             if self.detach_error:
                 error = error.detach()
             if wants_error:
-                record("hook_sae_error", error)
+                error = record("hook_sae_error", error)
 
         if not self.splice:
             if delta is None and steer is None and edited_recon is recon:
@@ -310,6 +314,21 @@ class SiteIntervention:
             add = vec if mask is None else mask * vec
             steer = add if steer is None else steer + add
         return steer
+
+
+class _Chain:
+    """Two recorders in a row: the adapter's, then a probe."""
+
+    def __init__(self, first: Recorder, second: Recorder):
+        self.first, self.second = first, second
+
+    def wants(self, name: str) -> bool:
+        return self.first.wants(name) or self.second.wants(name)
+
+    def __call__(self, name: str, value: Tensor) -> Tensor:
+        if self.first.wants(name):
+            value = self.first(name, value)
+        return self.second(name, value) if self.second.wants(name) else value
 
 
 def _gather_latents(latents: Tensor | SparseLatents, idx: Tensor) -> Tensor:
