@@ -71,6 +71,7 @@ def attach(model: Any, hook_names: str | dict[str, str] | None = "auto") -> Any:
         raise SAEHooksError(
             "the module under this nnsight model already has the torch adapter attached; attach one adapter only"
         )
+    module.__dict__["_sae_hooks_nnsight"] = True  # the torch adapter refuses this module now
     backend = NNsightBackend(model, hook_names)
     manager = SAEManager(backend)
     backend.manager = manager
@@ -90,6 +91,7 @@ def detach(model: Any) -> None:
     manager.reset_saes()
     manager.backend.remove_context_hook()
     model._module.__dict__.pop("generate", None)
+    model._module.__dict__.pop("_sae_hooks_nnsight", None)
     for name in OWN_KEYS:
         model.__dict__.pop(name, None)
 

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from sae_hooks.errors import HookNotFoundError, did_you_mean
+from sae_hooks.errors import HookNotFoundError, SAEHooksError, did_you_mean
 from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 from sae_hooks.sites import ModuleSites
 
@@ -68,6 +68,11 @@ def attach(module: nn.Module, hook_names: str | dict[str, str] | None = "auto") 
         return module
     if not isinstance(module, nn.Module):
         raise TypeError(f"attach expects an nn.Module, got {type(module).__name__}")
+    if module.__dict__.get("_sae_hooks_nnsight"):
+        raise SAEHooksError(
+            "this module is wrapped by an nnsight model that already has the nnsight adapter attached; "
+            "attach one adapter only (use the nnsight model's add_sae)"
+        )
     backend = TorchBackend(module, hook_names)
     manager = SAEManager(backend)
     backend.manager = manager

@@ -89,7 +89,12 @@ class Attachment:
 
     # Edits ---------------------------------------------------------------------------------------
 
+    def _check_active(self) -> None:
+        if not self.active:
+            raise SAEHooksError(f"{self!r} was removed; edits on it would do nothing. Attach the SAE again")
+
     def _latent_index(self, latents: int | Sequence[int] | Tensor) -> Tensor:
+        self._check_active()
         idx = torch.as_tensor([latents] if isinstance(latents, int) else latents, dtype=torch.long).flatten()
         bad = idx[(idx < 0) | (idx >= self.sae.cfg.d_sae)]
         if len(bad):
@@ -139,6 +144,7 @@ class Attachment:
         positions: PositionSpec = None,
     ) -> Attachment:
         """Add ``alpha * W_dec[latent] / ||W_dec[latent]||`` (or ``alpha * vector``) at ``positions``."""
+        self._check_active()
         if (latent is None) == (vector is None):
             raise ValueError("steer needs exactly one of latent=<index> or vector=<(d_out,) tensor>")
         if latent is not None:
@@ -248,6 +254,13 @@ class SAEManager:
             raise TypeError(f"add_sae expects an sae_hooks SAE, got {type(sae).__name__}")
         return self._add(sae, site, site_out=site_out, name=name, **common)
 
+    def _check_device(self, sae: SAE) -> None:
+        device = getattr(self.backend, "device", lambda: None)()
+        if device is not None and sae.device != device:
+            raise SAEHooksError(
+                f"the SAE is on {sae.device} but the model is on {device}; move it first: sae.to({str(device)!r})"
+            )
+
     def _add(
         self,
         sae: SAE,
@@ -263,6 +276,7 @@ class SAEManager:
         name: str | None,
         parent: Any = None,
     ) -> Attachment:
+        self._check_device(sae)
         sites_in = self._default_sites(sae, site)
         out_name = site_out if site_out is not None else (sae.cfg.sites[0].hook_out if site is None and sae.cfg.sites else None)
         resolved_out = self.backend.resolve(out_name) if out_name else None

@@ -174,6 +174,11 @@ class ModuleSites:
             self.family = hooknames.for_config(self.family, getattr(module, "config", None))
         self._reverse = {v: k for k, v in reversed(list(self.explicit.items()))}
 
+    def device(self) -> torch.device | None:
+        """Where the model's parameters live (``None`` when it has none)."""
+        param = next(self.module.parameters(), None)
+        return param.device if param is not None else None
+
     def _check_site(self, site: str) -> str:
         path, side = hooknames.split_site(site)
         if path not in self.modules:
@@ -295,6 +300,11 @@ class HookDictSites:
         self.is_bridge = hasattr(model, "_hook_registry")
         inner = getattr(model, "original_model", None) if self.is_bridge else model
         self.modules = ModuleSites(inner, "auto" if self.is_bridge else None) if isinstance(inner, nn.Module) else None
+
+    def device(self) -> torch.device | None:
+        params = getattr(self.model, "parameters", None)
+        param = next(params(), None) if callable(params) else None
+        return param.device if param is not None else None
 
     def hook_point(self, name: str) -> Any:
         hp = self.model.hook_dict[name]
