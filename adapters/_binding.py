@@ -37,8 +37,11 @@ def _refuse(kind: str, what: str, *args: Any) -> Any:
     )
 
 
-def wrap_generation(model: Any, manager: SAEManager, names: tuple[str, ...] = ("generate",)) -> None:
-    """Make ``model.generate`` (and friends) track absolute positions for position filters."""
+def wrap_generation(
+    model: Any, manager: SAEManager, names: tuple[str, ...] = ("generate",), check: Any = None
+) -> None:
+    """Make ``model.generate`` (and friends) track absolute positions for position filters; ``check`` is
+    called with the call's keyword arguments first (e.g. to warn about a known upstream defect)."""
     for name in names:
         original = getattr(model, name, None)
         if original is None or getattr(original, "_sae_hooks_wrapped", False):
@@ -46,6 +49,8 @@ def wrap_generation(model: Any, manager: SAEManager, names: tuple[str, ...] = ("
 
         @functools.wraps(original)
         def generate(*args: Any, _original=original, **kwargs: Any) -> Any:
+            if check is not None:
+                check(kwargs)
             with manager.generation():
                 return _original(*args, **kwargs)
 

@@ -15,7 +15,10 @@ that ``run_with_cache`` records and ``run_with_hooks`` can edit.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -50,10 +53,28 @@ def attach(model: Any) -> Any:
     manager = SAEManager(backend)
     backend.manager = manager
     bind(model, manager)
-    wrap_generation(model, manager, ("generate", "generate_stream", "hf_generate"))
+    check = _kv_cache_check if backend.is_bridge and _TL_VERSION.startswith("4.3.") else None
+    wrap_generation(model, manager, ("generate", "generate_stream"), check)
+    wrap_generation(model, manager, ("hf_generate",))
     backend.install_context_hooks()
     _wrap_reset(model, backend)
     return model
+
+
+_TL_VERSION = importlib.metadata.version("transformer_lens") if importlib.util.find_spec("transformer_lens") else ""
+KV_CACHE_WARNING = (
+    "TransformerLens 4.3's TransformerBridge.generate gives wrong logits with its KV cache (even with no SAE "
+    "attached; the generated tokens then differ from Hugging Face generate). Pass use_past_kv_cache=False "
+    "for exact generation."
+)
+_warned: dict[str, bool] = {}
+
+
+def _kv_cache_check(kwargs: dict[str, Any]) -> None:
+    """Warn once per process when a TL 4.3 bridge is about to generate with its (defective) KV cache."""
+    if kwargs.get("use_past_kv_cache", True) and not _warned.get("kv"):
+        _warned["kv"] = True
+        warnings.warn(KV_CACHE_WARNING, UserWarning, stacklevel=3)
 
 
 def _wrap_reset(model: Any, backend: TransformerLensBackend) -> None:
