@@ -45,7 +45,8 @@ def planted_batches(n: int = STEPS, rows: int = 64, seed: int = 0) -> list[torch
 
 def make_entry(arch: str, seed: int = 0, site: str = "x", name: str | None = None) -> TrainEntry:
     extra = {"k": 4} if arch in ("topk", "batchtopk") else {}
-    settings = TrainSettings(seed=seed, lr=3e-3, warmup_steps=2, dead_tokens=96, total_steps=STEPS, l1_coefficient=0.5)
+    l1 = {"l1_coefficient": 0.5} if arch in ("relu", "gated") else {}
+    settings = TrainSettings(seed=seed, lr=3e-3, warmup_steps=2, dead_tokens=96, total_steps=STEPS, arch=l1)
     return TrainEntry(name or f"{arch}-s{seed}", site, make_sae(arch, D, D_SAE, **extra), settings)
 
 

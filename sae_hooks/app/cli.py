@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, dist_info: Any) -> int:
     """``sae-hooks train``; ``dist_info`` (a :class:`~.train.distributed.DistInfo`) under ``--distributed``."""
-    from ..saes.registry import make_sae
+    from ..saes.registry import make_sae, sae_class
     from ..train import DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
     from ..train.trainer import pick_device
 
@@ -134,12 +134,12 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
         d_in = int(widths[site])
         d_sae = args.d_sae or d_in * args.expansion
         for seed in args.seeds:
-            extra: dict[str, Any] = {"k": args.k} if args.arch in ("topk", "batchtopk") else {}
+            extra: dict[str, Any] = {"k": args.k} if sae_class(args.arch).uses_k else {}
             if out is not None:
                 extra.update(d_out=int(widths[out]), skip=args.skip)
             sae = make_sae(args.arch, d_in, d_sae, **extra)
-            settings = TrainSettings(lr=args.lr, seed=seed, l1_coefficient=args.l1, l0_coefficient=args.l0,
-                                     dead_tokens=args.dead_tokens, warmup_steps=args.warmup)
+            settings = TrainSettings(lr=args.lr, seed=seed, dead_tokens=args.dead_tokens, warmup_steps=args.warmup,
+                                     arch=_arch_settings(args))
             kind = f"{args.arch}-tc" if out is not None else args.arch
             name = f"{site}-{kind}-s{seed}".replace("/", "_")
             entries.append(TrainEntry(name, site, sae, settings, device=None if dist_info else device, site_out=out))
@@ -164,6 +164,17 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
     for e in trainer.entries:
         print(f"{e.name}: {e.state.tokens_seen:,} tokens, {json.dumps({k: round(v, 5) for k, v in e.state.metrics.items()})} -> {paths[e.name]}")
     return 0
+
+
+def _arch_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--l1`` / ``--l0`` flags, for the architectures whose settings have those keys."""
+    import dataclasses
+
+    from ..saes.registry import training_spec
+
+    known = {f.name for f in dataclasses.fields(training_spec(args.arch).settings)}
+    flags = {"l1_coefficient": args.l1, "l0_coefficient": args.l0}
+    return {k: v for k, v in flags.items() if k in known}
 
 
 def cmd_save_activations(args: argparse.Namespace) -> int:
@@ -234,6 +245,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_architectures() -> list[str]:
+    """Trainable architectures that train on one site (the multi-layer SAE has its own entry point)."""
+    from ..saes.registry import trainable_architectures
+
+    return [a for a in trainable_architectures() if a != "mlsae"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sae-hooks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -246,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--site-out", action="append",
                    help="train a transcoder from the matching --site to this site (repeatable, one per --site)")
     t.add_argument("--skip", action="store_true", help="skip transcoders (a trained linear x @ W_skip path)")
-    t.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "gated"])
+    t.add_argument("--arch", default="topk", choices=_cli_architectures(),
+                   help="architecture (every registered one with a training spec)")
     t.add_argument("--d-sae", type=int)
     t.add_argument("--expansion", type=int, default=8)
     t.add_argument("--k", type=int, default=32)
