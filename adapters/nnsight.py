@@ -45,6 +45,7 @@ from sae_hooks.errors import HookNotFoundError, SAEHooksError, did_you_mean
 from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 
 from ._binding import OWN_KEYS, bind, wrap_generation
+from ._foreign import convert_foreign
 from .torch import TorchBackend, _CacheRecorder
 
 try:  # nnsight is required by this adapter only.
@@ -73,7 +74,7 @@ def attach(model: Any, hook_names: str | dict[str, str] | None = "auto") -> Any:
         )
     module.__dict__["_sae_hooks_nnsight"] = True  # the torch adapter refuses this module now
     backend = NNsightBackend(model, hook_names)
-    manager = SAEManager(backend)
+    manager = SAEManager(backend, convert_foreign)
     backend.manager = manager
     bind(model, manager)
     model.__dict__["sae_capture"] = backend.capture

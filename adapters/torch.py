@@ -52,6 +52,7 @@ from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 from sae_hooks.sites import ModuleSites
 
 from ._binding import OWN_KEYS, bind, wrap_generation
+from ._foreign import convert_foreign
 
 def attach(module: nn.Module, hook_names: str | dict[str, str] | None = "auto") -> nn.Module:
     """Give ``module`` the SAE API (``add_sae``, ``remove_sae``, ``reset_saes``, ``saes``,
@@ -74,7 +75,7 @@ def attach(module: nn.Module, hook_names: str | dict[str, str] | None = "auto") 
             "attach one adapter only (use the nnsight model's add_sae)"
         )
     backend = TorchBackend(module, hook_names)
-    manager = SAEManager(backend)
+    manager = SAEManager(backend, convert_foreign)
     backend.manager = manager
     bind(module, manager, functools.partial(_deepcopy_attached, module))
     module.__dict__["sae_capture"] = backend.capture

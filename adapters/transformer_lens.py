@@ -28,6 +28,7 @@ from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 from sae_hooks.sites import HookDictSites
 
 from ._binding import bind, wrap_generation
+from ._foreign import convert_foreign
 
 try:  # TransformerLens is required by this adapter only.
     from transformer_lens.hook_points import HookPoint
@@ -50,7 +51,7 @@ def attach(model: Any) -> Any:
             "use sae_hooks.adapters.torch.attach for a plain nn.Module"
         )
     backend = TransformerLensBackend(model)
-    manager = SAEManager(backend)
+    manager = SAEManager(backend, convert_foreign)
     backend.manager = manager
     bind(model, manager)
     check = _kv_cache_check if backend.is_bridge and _TL_VERSION.startswith("4.3.") else None

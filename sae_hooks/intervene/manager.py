@@ -186,8 +186,9 @@ class Attachment:
 class SAEManager:
     """Bookkeeping for the SAEs attached to one model, driven by an adapter's :class:`Backend`."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, convert: Callable[[Any], SAE | None] | None = None):
         self.backend = backend
+        self.convert = convert  # another library's in-memory SAE -> ours (given by the adapter), or None
         self.attachments: list[Attachment] = []
         self.context = ForwardContext()
         self._generating = False
@@ -250,9 +251,14 @@ class SAEManager:
             return add_pair(self, sae, **common, **pair_options)
         if pair_options:
             raise TypeError(f"add_sae() got unexpected keyword argument(s) {sorted(pair_options)}")
+        parent = None
+        if not isinstance(sae, SAE) and self.convert is not None:
+            converted = self.convert(sae)
+            if converted is not None:  # e.g. a SAELens SAE object: attach our copy, keyed by the original
+                sae, parent = converted, sae
         if not isinstance(sae, SAE):
-            raise TypeError(f"add_sae expects an sae_hooks SAE, got {type(sae).__name__}")
-        return self._add(sae, site, site_out=site_out, name=name, **common)
+            raise TypeError(f"add_sae expects an sae_hooks SAE (or a SAELens SAE object), got {type(sae).__name__}")
+        return self._add(sae, site, site_out=site_out, name=name, parent=parent, **common)
 
     def _check_device(self, sae: SAE) -> None:
         device = getattr(self.backend, "device", lambda: None)()
@@ -392,7 +398,7 @@ class SAEManager:
     def _sae_list(positional: Sequence[Any], listed: Any) -> list[Any]:
         todo = list(positional)
         if listed is not None:
-            todo += [listed] if isinstance(listed, SAE) or is_pair(listed) or not isinstance(listed, (list, tuple)) else list(listed)
+            todo += list(listed) if isinstance(listed, (list, tuple)) else [listed]
         return todo
 
     @staticmethod
@@ -536,9 +542,10 @@ class SAEManager:
             return [key] if key in self.attachments else []
         if isinstance(key, PairAttachment):
             return [a for a in (key.att_in, key.att_out) if a in self.attachments]
-        if isinstance(key, SAE) or is_pair(key):
-            return [a for a in self.attachments if a.sae is key or a.parent is key]
         if not isinstance(key, str):
+            found = [a for a in self.attachments if a.sae is key or a.parent is key]
+            if found or isinstance(key, SAE) or is_pair(key):
+                return found
             raise TypeError(f"remove_sae takes an SAE, an attachment or a site name, got {type(key).__name__}")
         named = [a for a in self.attachments if a.name == key]
         if named:
