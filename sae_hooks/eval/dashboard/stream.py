@@ -144,7 +144,8 @@ def stream(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_tokens or max_tokens, desc="dashboard", unit="tok", unit_scale=True)
+        total = min(t for t in (total_tokens, max_tokens) if t is not None) if (total_tokens or max_tokens) else None
+        bar = tqdm(total=total, desc="dashboard", unit="tok", unit_scale=True)
     n_tokens = 0
     try:
         for ids, mask in iter_batches(batches, max_tokens):
