@@ -217,15 +217,16 @@ class FeatureCollector:
         tok_b, tok_s = torch.nonzero(keep, as_tuple=True)  # (n,) batch and position of each row
         offsets = torch.arange(s.window)
 
+        # The batch's events sorted by (row, latent): a window's activations are found by binary search.
+        ev_keys, ev_order = (row * self.d_sae + lat).sort()
+        ev_vals = val[ev_order]
+
         def value_at(rows: Tensor, lats: Tensor) -> Tensor:
-            """Activation of latent ``lats[i]`` on rows ``rows[i, :]`` (``-1``: 0)."""
-            r = rows.clamp_min(0)
-            if sparse:
-                hit = indices[r] == lats.view(-1, 1, 1)
-                out = (values[r] * hit).sum(-1)
-            else:
-                out = dense[r, lats.view(-1, 1).expand_as(r)]
-            return out * (rows >= 0)
+            """Activation of latent ``lats[i]`` on rows ``rows[i, :]`` (0 where it does not fire or ``rows`` is -1)."""
+            q = rows.clamp_min(0) * self.d_sae + lats.view(-1, 1)
+            pos = torch.searchsorted(ev_keys, q).clamp_max(ev_keys.numel() - 1)
+            hit = (ev_keys[pos] == q) & (rows >= 0)
+            return torch.where(hit, ev_vals[pos], 0.0)
 
         def coactive(rows: Tensor, lats: Tensor) -> Tensor:
             c = s.n_coactive
