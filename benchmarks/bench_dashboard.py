@@ -49,7 +49,7 @@ def main() -> None:
     reader = resolve_reader(model, [site], 0)
     collector = FeatureCollector(a.d_sae)
     state_bytes = sum(t.numel() * t.element_size() for h in (collector.top, collector.samples)
-                      for t in (h.keys, *h.fields.values()))
+                      for t in (h.keys, h.slots, *h.pool.values()))
     state_bytes += collector.hist.numel() * 4 + collector.count.numel() * 8 * 2 + collector.max.numel() * 4
     t_model = t_enc = t_coll = 0.0
     seen, i = 0, 0

@@ -63,19 +63,22 @@ class CollectorSettings:
 class LatentTopK:
     """For each of ``d_sae`` latents, the ``k`` events with the largest keys seen so far, with payloads.
 
-    ``keys`` is ``(d_sae, k)``, sorted in descending order per row, ``-inf`` where empty. Payload
-    fields are ``(d_sae, k, *shape)`` tensors. :meth:`push` merges a batch of events with one sort of
-    the batch's candidates and one ``topk`` over the rows of the latents they touch.
+    ``keys`` is ``(d_sae, k)``, sorted in descending order per row, ``-inf`` where empty; ``slots``
+    ``(d_sae, k)`` says which row of the payload pool (``(d_sae * k, *shape)`` per field) holds each
+    entry's payload. :meth:`push` merges a batch of events with one sort of the batch's candidates and
+    one ``topk`` over the rows of the latents they touch; only the keys and slot numbers of those rows
+    move, and payloads are computed and written for the events that actually enter.
     """
 
     def __init__(self, d_sae: int, k: int, fields: dict[str, tuple[tuple[int, ...], torch.dtype, float]]):
         self.k = k
         self.keys = torch.full((d_sae, k), -math.inf)
-        self.fields = {name: torch.full((d_sae, k, *shape), fill, dtype=dtype) for name, (shape, dtype, fill) in fields.items()}
+        self.slots = torch.arange(d_sae * k).view(d_sae, k)
+        self.pool = {name: torch.full((d_sae * k, *shape), fill, dtype=dtype) for name, (shape, dtype, fill) in fields.items()}
 
     def push(self, lat: Tensor, key: Tensor, payload_fn) -> None:  # noqa: ANN001 - (events (m,)) -> dict
         """Offer events (latent ``lat (E,)``, ``key (E,)``); ``payload_fn(event_index (m,))`` returns the
-        payload fields of the events that may enter (a dict of ``(m, *shape)`` tensors)."""
+        payload fields of the events that enter (a dict of ``(m, *shape)`` tensors)."""
         k = self.k
         ev = torch.nonzero(key > self.keys[lat, -1]).squeeze(1)  # only events that beat the current k-th key
         if ev.numel() == 0:
@@ -95,16 +98,29 @@ class LatentTopK:
         u = latents.numel()
         cand = torch.full((u, k), -math.inf)
         cand[inv, rank] = key
+        cand_ev = torch.full((u, k), -1, dtype=torch.long)
+        cand_ev[inv, rank] = ev
         top = torch.cat([self.keys[latents], cand], 1).topk(k, dim=1)
+        chosen = torch.zeros(u, 2 * k, dtype=torch.bool).scatter_(1, top.indices, True)
+        # Per row, as many old entries leave as new ones enter: pair them in row-major order.
+        old_slots = self.slots[latents]
+        free = old_slots[~chosen[:, :k]]
+        won = chosen[:, k:]
+        entering = cand_ev[won]
+        real = entering >= 0  # an empty (-inf) candidate may be "chosen" in a row with fewer than k events
+        if bool(real.any()):
+            payload = payload_fn(entering[real])
+            target = free[real]
+            for name, pool in self.pool.items():
+                pool[target] = payload[name].to(pool.dtype)
+        new_slots = torch.full((u, k), -1, dtype=torch.long)
+        new_slots[won] = free
+        self.slots[latents] = torch.cat([old_slots, new_slots], 1).gather(1, top.indices)
         self.keys[latents] = top.values
-        payload = payload_fn(ev)
-        for name, store in self.fields.items():
-            shape = store.shape[2:]
-            new = torch.full((u, k, *shape), 0, dtype=store.dtype)
-            new[inv, rank] = payload[name].to(store.dtype)
-            both = torch.cat([store[latents], new], 1)
-            idx = top.indices.view(u, k, *([1] * len(shape))).expand(u, k, *shape)
-            store[latents] = both.gather(1, idx)
+
+    def fields(self) -> dict[str, Tensor]:
+        """Keys and payloads in entry order: ``{"keys": (d_sae, k), field: (d_sae, k, *shape)}``."""
+        return {"keys": self.keys, **{name: pool[self.slots] for name, pool in self.pool.items()}}
 
 
 @dataclass
@@ -174,15 +190,14 @@ class FeatureCollector:
         """Add one batch: ``tokens (B, S)``, ``keep (B, S)`` bool, latents of the ``n = keep.sum()`` kept tokens."""
         s = self.settings
         tokens, keep = tokens.cpu(), keep.cpu().bool()
-        sparse = isinstance(latents, SparseLatents)
-        if sparse:
-            values, indices = latents.values.detach().float().cpu(), latents.indices.detach().cpu()
-            values, indices = values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])
-            n, width = values.shape[0], latents.d_sae
-        else:
-            dense = latents.detach().float().cpu()
-            dense = dense.reshape(-1, dense.shape[-1])
-            n, width = dense.shape
+        if not isinstance(latents, SparseLatents):  # dense: keep each row's firing latents only
+            dense = latents.detach().float().cpu().reshape(-1, latents.shape[-1])
+            width = dense.shape[-1]
+            most = int((dense > 0).sum(1).max()) if dense.numel() else 0
+            latents = SparseLatents(*dense.topk(max(1, min(most, width)), dim=1), width)
+        values, indices = latents.values.detach().float().cpu(), latents.indices.detach().cpu()
+        values, indices = values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])
+        n, width = values.shape[0], latents.d_sae
         if width != self.d_sae:
             raise ShapeMismatchError(f"latents have d_sae={width}, the collector was made for {self.d_sae}")
         if n != int(keep.sum()):
@@ -190,13 +205,9 @@ class FeatureCollector:
         if layer == 0:
             self.n_tokens += n
         # Events: (row, latent, value) for every firing.
-        if sparse:
-            fire = values > 0
-            row = torch.arange(n).unsqueeze(1).expand_as(values)[fire]
-            lat, val = indices[fire], values[fire]
-        else:
-            row, lat = torch.nonzero(dense > 0, as_tuple=True)
-            val = dense[row, lat]
+        fire = values > 0
+        row = torch.arange(n).unsqueeze(1).expand_as(values)[fire]
+        lat, val = indices[fire], values[fire]
         if lat.numel() == 0:
             return
         self.count.index_add_(0, lat, torch.ones_like(lat))
@@ -228,19 +239,23 @@ class FeatureCollector:
             hit = (ev_keys[pos] == q) & (rows >= 0)
             return torch.where(hit, ev_vals[pos], 0.0)
 
+        # Each row's strongest latents, sorted once per row (not once per event).
+        c = s.n_coactive
+        row_vals, order = values.sort(dim=1, descending=True)
+        row_idx = indices.gather(1, order)
+        row_vals, row_idx = row_vals[:, : c + 1], row_idx[:, : c + 1]
+        if row_idx.shape[1] < c + 1:
+            fill = c + 1 - row_idx.shape[1]
+            row_vals = torch.cat([row_vals, row_vals.new_zeros(n, fill)], 1)
+            row_idx = torch.cat([row_idx, row_idx.new_full((n, fill), -1)], 1)
+
         def coactive(rows: Tensor, lats: Tensor) -> Tensor:
-            c = s.n_coactive
-            if sparse:
-                v, i = values[rows], indices[rows]
-            else:
-                v, i = dense[rows].topk(min(c + 1, self.d_sae), dim=1)
-            v = torch.where(i == lats.view(-1, 1), -math.inf, v)
-            v, order = v.sort(dim=1, descending=True)
-            i = i.gather(1, order)[:, :c]
-            i = torch.where(v[:, :c] > 0, i, -1)
-            if i.shape[1] < c:
-                i = torch.cat([i, i.new_full((i.shape[0], c - i.shape[1]), -1)], 1)
-            return i
+            """The ``n_coactive`` strongest other latents firing on each event's token (``-1``: none)."""
+            v, i = row_vals[rows], row_idx[rows]
+            after_self = (i == lats.view(-1, 1)).cumsum(1) > 0  # drop the latent itself, shift the rest left
+            i = torch.where(after_self[:, :c], i[:, 1:], i[:, :c])
+            v = torch.where(after_self[:, :c], v[:, 1:], v[:, :c])
+            return torch.where(v > 0, i, -1)
 
         def payload(ev: Tensor) -> dict[str, Tensor]:
             r, la = row[ev], lat[ev]
@@ -259,11 +274,8 @@ class FeatureCollector:
         self.samples.push(lat, torch.rand(lat.numel(), generator=self._gen), payload)
 
     def finish(self) -> FeatureStats:
-        def dump(h: LatentTopK) -> dict[str, Tensor]:
-            return {"keys": h.keys, **h.fields}
-
         return FeatureStats(
             settings=self.settings, n_tokens=self.n_tokens, n_layers=self.n_layers, count=self.count, sum=self.sum,
             max=self.max, hist=self.hist, layer_count=self.layer_count, layer_sum=self.layer_sum,
-            top=dump(self.top), samples=dump(self.samples),
+            top=self.top.fields(), samples=self.samples.fields(),
         )
