@@ -177,7 +177,7 @@ class TokenBatches:
             return [int(t) for t in value]
         if not isinstance(value, str):
             raise ConfigError(f"column {self.column!r} must hold strings (or use input_ids), got {type(value).__name__}")
-        ids = self.tokenizer(value, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(value, add_special_tokens=False, verbose=False)["input_ids"]  # rows are cut below
         return ([self.bos_token_id] if self.bos_token_id is not None else []) + list(ids)
 
     def _next_segment(self) -> bool:

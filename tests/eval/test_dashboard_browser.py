@@ -57,7 +57,8 @@ def built(tmp_path_factory):
             model(b, attention_mask=torch.ones_like(b))
         h.remove()
         keep = b != 0
-        rows.append(sae.encode(got["x"][keep]))
+        with torch.no_grad():
+            rows.append(sae.encode(got["x"][keep]))
         ids.append(b[keep])
     dense = torch.cat(rows)
     return out, sae, tok, dense, torch.cat(ids), settings
@@ -79,6 +80,7 @@ def test_latent_page_shows_top_contexts_highlights_and_histogram(built):
     counts = (dense > 0).sum(0)
     j = int(counts.argsort(descending=True)[3])  # a frequently firing latent
     dom = dump_dom(out / "latent.html", f"#{j}")
+    dom = dom[dom.index('<div id="latent">') :]  # the rendered body (the inline script holds the same markup)
     assert f"<h1>Latent {j}" in dom
     # Density and the top activations equal the brute-force ones.
     density = float(counts[j]) / dense.shape[0]
@@ -86,7 +88,7 @@ def test_latent_page_shows_top_contexts_highlights_and_histogram(built):
     assert float(shown) == pytest.approx(100 * density, rel=2e-3)
     top = _section(dom, "top")
     want = dense[:, j].topk(settings.n_top).values.tolist()
-    assert _ctx_values(top) == pytest.approx(want, abs=1.5e-3)
+    assert _ctx_values(top) == pytest.approx(want, rel=6e-4)  # shown to 4 significant digits
     # Each top context highlights its peak token with the activation as hover value and colour.
     peaks = re.findall(r'<span class="tok peak active" data-act="([0-9.e+-]+)" title="([^"]*)"[^>]*style="background: rgba', top)
     assert len(peaks) == settings.n_top
@@ -98,8 +100,8 @@ def test_latent_page_shows_top_contexts_highlights_and_histogram(built):
     sampled = _ctx_values(bands)
     assert len(sampled) == min(settings.n_samples, int(counts[j]))
     assert sampled == sorted(sampled, reverse=True)
-    fired = set(round(v, 3) for v in dense[:, j][dense[:, j] > 0].tolist())
-    assert all(round(v, 3) in fired or any(abs(v - f) < 2e-3 for f in fired) for v in sampled)
+    fired = dense[:, j][dense[:, j] > 0]
+    assert all(float((fired - v).abs().min()) <= 6e-4 * v for v in sampled)
     # The histogram: one bar per non-empty bin, the counts adding up to the firings.
     hist = _section(dom, "histogram")
     assert 'class="histogram"' in hist
@@ -116,6 +118,7 @@ def test_latent_page_shows_top_contexts_highlights_and_histogram(built):
 def test_index_page_lists_latents_sorted_with_dead_marked(built, tmp_path):
     out, sae, tok, dense, ids, settings = built
     dom = dump_dom(out / "index.html")
+    dom = dom[dom.index("<body>") :]
     rows = re.findall(r'<tr class="latent-row( dead)?" data-latent="(\d+)">', dom)
     assert len(rows) == 100  # the first page
     counts = (dense > 0).sum(0)
