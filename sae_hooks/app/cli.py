@@ -124,7 +124,7 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
                 autocast_dtype=torch.bfloat16 if args.bf16 else None,
             )
             first = batches[0]
-        widths = {s: t.shape[-1] for s, t in source.reader.read(first[:1]).items()}  # one tiny forward
+        widths = {s: t.shape[-1] for s, t in source.reader.read(first[:1], torch.ones_like(first[:1])).items()}  # one tiny forward
     buffer = ShuffleBuffer(source, batch_tokens=batch_tokens, size_tokens=buffer_tokens, seed=args.seed, device=device)
     entries = []
     for site, out in pairs or [(s, None) for s in source.sites]:
