@@ -211,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     torch.set_num_threads(args.threads)
-    run_demo(DemoConfig(steps=args.steps), progress=not args.no_progress, out_dir=args.out)
+    run_demo(DemoConfig(steps=args.steps), progress=not args.no_progress, out_dir=args.out, dashboard=not args.no_dashboard)
     return 0
 
 
@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a TopK SAE on the embedded model and report metrics")
     d.add_argument("--steps", type=int, default=200)
     d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--out", help="also save the SAE here")
+    d.add_argument("--out", default="sae-hooks-demo", help="where the SAE (OUT/sae) and its dashboard (OUT/dashboard) go")
+    d.add_argument("--no-dashboard", action="store_true", help="skip building the dashboard")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
 
