@@ -36,6 +36,8 @@ def register(subparsers: Any) -> None:
     d.add_argument("--top", type=int, default=10, help="top-activating contexts per latent")
     d.add_argument("--samples", type=int, default=20, help="sampled firings per latent (shown in 4 quantile bands)")
     d.add_argument("--title")
+    d.add_argument("--neuronpedia", nargs=3, metavar=("MODEL_ID", "LAYER", "SAE_SET"),
+                   help="also write OUT/neuronpedia/batch-*.json for a Neuronpedia upload")
     d.add_argument("--device")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=run)
@@ -70,6 +72,15 @@ def data_for(args: argparse.Namespace, tokenizer: Any) -> Any:
     return TokenBatches(ds, tokenizer, args.seq_len, args.batch_size, column=args.column)
 
 
+def _neuronpedia(values: list[str] | None) -> dict[str, Any] | None:
+    if not values:
+        return None
+    model_id, layer, sae_set = values
+    if not layer.isdigit():
+        sys.exit(f"sae-hooks dashboard: --neuronpedia LAYER must be a layer number, got {layer!r}")
+    return {"model_id": model_id, "layer": int(layer), "sae_set": sae_set}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -84,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     out = build_dashboard(
         sae, model, data_for(args, tok), args.out, tokenizer=tok, site=args.site, seq_len=args.seq_len,
         batch_size=args.batch_size, max_tokens=args.max_tokens, settings=settings, title=args.title,
-        progress=not args.no_progress,
+        neuronpedia=_neuronpedia(args.neuronpedia), progress=not args.no_progress,
     )
     print(f"dashboard written to {out}/ -- open {out / 'index.html'} in a browser")
     return 0

@@ -121,6 +121,7 @@ def build_dashboard(
     settings: CollectorSettings | None = None,
     n_logits: int = 10,
     title: str | None = None,
+    neuronpedia: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
     """Run ``model`` over ``data`` once and write a static feature browser for every latent of ``sae``.
@@ -141,6 +142,8 @@ def build_dashboard(
         bos_token_id: tokens with this id are left out (default: the tokenizer's BOS).
         settings: how many contexts, samples, window size, histogram bins (:class:`CollectorSettings`).
         n_logits: promoted / suppressed tokens shown per latent.
+        neuronpedia: also write ``out_dir/neuronpedia/batch-*.json`` in the layout Neuronpedia uploads
+            accept: ``{"model_id": ..., "layer": ..., "sae_set": ...}`` (see :mod:`.neuronpedia`).
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
     """
@@ -154,6 +157,11 @@ def build_dashboard(
     W_U = find_unembedding(model)
     vocab = token_strings(tok, W_U.shape[1] if W_U is not None else None) if tok is not None else None
     pair = isinstance(sae, JacobianSAEPair)
+    if neuronpedia is not None:
+        missing = {"model_id", "layer", "sae_set"} - set(neuronpedia)
+        if pair or missing:
+            raise ConfigError(f"neuronpedia export needs one SAE and model_id, layer, sae_set (missing {sorted(missing)})"
+                              if not pair else "neuronpedia export covers single SAEs, not Jacobian pairs")
     name = title or _default_title(sae)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
@@ -177,6 +185,11 @@ def build_dashboard(
             if len(sites) > 1:
                 view.layer_names = sites
             write_dashboard(view, vocab, tmp, progress=progress)
+            if neuronpedia is not None:
+                from .neuronpedia import export_neuronpedia
+
+                export_neuronpedia(view, vocab or [], tmp / "neuronpedia", W_dec=sae.W_dec, W_U=W_U,
+                                   n_tokens_in_prompt=seq_len, **neuronpedia)
     return out
 
 
