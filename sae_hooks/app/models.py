@@ -46,7 +46,15 @@ def load_causal_lm(name_or_path: str | None, revision: str | None = None) -> tup
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:  # pragma: no cover
         sys.exit("sae-hooks: this command needs transformers (pip install 'sae-hooks[hf]')")
+    from transformers.utils import logging as hf_logging
+
     folder = str(resolve_model(name_or_path, revision))
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our commands show their own progress; a weight-loading bar is noise
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(folder)

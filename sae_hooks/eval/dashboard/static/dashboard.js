@@ -105,7 +105,7 @@ function histogramSVG(h) {
   const w = 420, ht = 130, pad = 22, n = h.counts.length;
   if (!n) return "<p class='muted'>never fired</p>";
   const m = Math.max(...h.counts), bw = (w - 2 * pad) / n;
-  let s = `<svg class="histogram" width="${w}" height="${ht}" viewBox="0 0 ${w} ${ht}" role="img" aria-label="activation histogram">`;
+  let s = `<svg class="histogram" width="${w}" height="${ht}" viewBox="0 0 ${w} ${ht}" style="max-width: 100%; height: auto" role="img" aria-label="activation histogram">`;
   h.counts.forEach((c, j) => {
     const bh = m ? (ht - 2 * pad) * c / m : 0;
     s += `<rect x="${(pad + j * bw).toFixed(1)}" y="${(ht - pad - bh).toFixed(1)}" width="${Math.max(1, bw - 1).toFixed(1)}" ` +
@@ -120,7 +120,7 @@ function histogramSVG(h) {
 
 function layersSVG(L) {
   const w = 420, ht = 110, pad = 22, n = L.length, m = Math.max(...L.map(x => x.density)), bw = (w - 2 * pad) / n;
-  let s = `<svg class="layers" width="${w}" height="${ht}" role="img" aria-label="activation by layer">`;
+  let s = `<svg class="layers" width="${w}" height="${ht}" viewBox="0 0 ${w} ${ht}" style="max-width: 100%; height: auto" role="img" aria-label="activation by layer">`;
   L.forEach((x, j) => {
     const bh = m ? (ht - 2 * pad) * x.density / m : 0;
     s += `<rect x="${(pad + j * bw).toFixed(1)}" y="${(ht - pad - bh).toFixed(1)}" width="${Math.max(1, bw - 2).toFixed(1)}" height="${bh.toFixed(1)}">` +
