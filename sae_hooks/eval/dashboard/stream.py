@@ -1,13 +1,11 @@
 """Run a model over token batches once and feed every latent of an SAE into :class:`FeatureCollector`s.
 
 Activations are read with :class:`sae_hooks.train.sources.ActivationReader` (one forward pass per
-batch, all sites at once, the forward stopped after the deepest site). Through which hooks:
-
-* a model given the SAE API by an adapter (``sae_hooks.adapters.{torch,nnsight,transformer_lens}.attach``)
-  is read through that adapter's backend, so sites may be written in any spelling it accepts
-  (TransformerLens hook names on a Hugging Face model, ``path:input``, ...);
-* otherwise a TransformerLens model through its ``hook_dict`` and a plain ``nn.Module`` (or the module
-  under an nnsight envoy) through forward hooks at module paths.
+batch, all sites at once, the forward stopped after the deepest site) through the site layer
+(:func:`sae_hooks.sites.site_hooks`): a model given the SAE API by an adapter is read through that
+adapter's backend, a TransformerLens model through its ``hook_dict``, a plain ``nn.Module`` (or the
+module under an nnsight envoy) through forward hooks; sites in any spelling (hook name, module path,
+``path:input``).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from torch import Tensor
 
 from ...errors import ConfigError, SAEHooksError
 from ...saes.base import SAE, SparseLatents
-from ...train.hooks import site_hooks
+from ...sites import site_hooks
 from ...train.sources import ActivationReader, _split_batch, token_mask
 from .collect import CollectorSettings, FeatureCollector, FeatureStats
 
@@ -34,13 +32,8 @@ def forward_module(model: Any) -> Any:
 
 def resolve_reader(model: Any, sites: list[str], bos_token_id: int | None) -> ActivationReader:
     """An :class:`ActivationReader` for ``sites`` of ``model`` (through its adapter when it has one)."""
-    manager = getattr(model, "__dict__", {}).get("sae_manager")
-    if manager is not None:
-        backend = manager.backend
-        sites = [backend.resolve(s) for s in sites]
-        hooks: Any = backend
-    else:
-        hooks = site_hooks(forward_module(model) if not hasattr(model, "hook_dict") else model, sites)
+    attached = "sae_manager" in getattr(model, "__dict__", {})
+    hooks = site_hooks(model if attached or hasattr(model, "hook_dict") else forward_module(model), sites)
     return ActivationReader(forward_module(model), sites, hooks=hooks, bos_token_id=bos_token_id)
 
 
