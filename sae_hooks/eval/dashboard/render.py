@@ -112,16 +112,16 @@ def _coactive(h: dict[str, list], r: int, n: int = 10) -> list[list[float]]:
     return [[j, _r(c / len(filled))] for j, c in best]
 
 
-def _histogram(stats: FeatureStats, counts: list[int], i: int) -> dict[str, list]:
+def _histogram(edges: list[float], lo: float, counts: list[int], peak: float) -> dict[str, list]:
+    """The non-empty span of a latent's histogram; ``edges`` are ``[0, *bin_edges, inf]``."""
     nz = [j for j, c in enumerate(counts) if c]
     if not nz:
         return {"edges": [], "counts": []}
     a, b = nz[0], nz[-1] + 1
-    edges = [0.0, *stats.settings.bin_edges(), math.inf]
     e = edges[a : b + 1]
     # Open-ended outer bins are drawn up to the observed maximum / down to the lowest edge.
-    e[-1] = min(e[-1], float(stats.max[i])) if math.isinf(e[-1]) else e[-1]
-    e[0] = e[0] if e[0] > 0 else min(stats.settings.hist_lo, float(stats.max[i]))
+    e[-1] = min(e[-1], peak) if math.isinf(e[-1]) else e[-1]
+    e[0] = e[0] if e[0] > 0 else min(lo, peak)
     return {"edges": [_r(x) for x in e], "counts": counts[a:b]}
 
 
@@ -131,12 +131,17 @@ def latent_records(view: DictionaryView, latents: list[int]) -> list[dict[str, A
     idx = torch.tensor(latents, dtype=torch.long)
     top, samples = _lists(s.top, idx), _lists(s.samples, idx)
     hist = s.hist[idx].numpy().tolist()
+    # Per-latent numbers for this chunk as Python lists (the stats' density/mean are whole-array properties).
+    count, peak = s.count[idx].tolist(), s.max[idx].tolist()
+    total = max(1, s.n_tokens * s.n_layers)
+    mean = (s.sum[idx] / s.count[idx].clamp_min(1)).tolist()
+    edges = [0.0, *s.settings.bin_edges(), math.inf]
     out = []
     for r, i in enumerate(latents):
         rec: dict[str, Any] = {
-            "i": i, "count": int(s.count[i]), "density": _r(float(s.density[i])),
-            "max": _r(float(s.max[i])), "mean": _r(float(s.mean[i])),
-            "hist": _histogram(s, hist[r], i),
+            "i": i, "count": count[r], "density": _r(count[r] / total),
+            "max": _r(peak[r]), "mean": _r(mean[r]),
+            "hist": _histogram(edges, s.settings.hist_lo, hist[r], peak[r]),
             "top": _examples(top, r, _filled(top, r)),
             "bands": _bands(samples, r),
             "coactive": _coactive(samples, r),
@@ -180,8 +185,8 @@ def index_record(view: DictionaryView) -> dict[str, Any]:
     return {
         "title": view.title, "description": view.description, "d_sae": s.d_sae, "n_tokens": s.n_tokens,
         "n_examples": s.n_tokens * s.n_layers, "n_dead": int((s.count == 0).sum()), "left": s.settings.left,
-        "count": s.count.tolist(), "density": [_r(float(x)) for x in s.density],
-        "max": [_r(float(x)) for x in s.max], "mean": [_r(float(x)) for x in s.mean], "top": tops,
+        "count": s.count.tolist(), "density": [_r(x) for x in s.density.tolist()],
+        "max": [_r(x) for x in s.max.tolist()], "mean": [_r(x) for x in s.mean.tolist()], "top": tops,
         **view.extra_index,
     }
 
