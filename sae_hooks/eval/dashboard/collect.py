@@ -15,8 +15,9 @@ An event entering either structure stores its context: the token ids of a window
 (``left`` tokens before, ``right`` after, ``-1`` outside the sequence), the latent's activation on
 each token of that window (float16), its layer, and the ``n_coactive`` strongest *other* latents on
 that token. Memory is fixed by ``d_sae`` and the settings, not by the number of tokens:
-about ``d_sae * (n_top + n_samples) * (6 * (left + right + 1) + 4 * n_coactive + 12)`` bytes
-(≈0.9 GB for ``d_sae`` 131,072 with the defaults), plus the histograms (``4 * d_sae * n_bins``, n_bins = 130 by default).
+about ``d_sae * (n_top + n_samples) * (6 * (left + right + 1) + 4 * n_coactive + 18)`` bytes
+(≈0.53 GB for ``d_sae`` 131,072 with the defaults), plus the histograms (``4 * d_sae * n_bins``, n_bins = 130
+by default; 68 MB): 592 MB measured by ``benchmarks/bench_dashboard.py``.
 """
 
 from __future__ import annotations
