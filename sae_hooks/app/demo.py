@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..metrics import hooks_splice_runner, reconstruction_metrics, splice_metrics
+from ..eval import hooks_splice_runner, reconstruction_metrics, splice_metrics
 from ..saes.registry import make_sae
 from ..train.buffer import ShuffleBuffer
 from ..train.sources import ActivationReader, LiveSource, pack_texts
@@ -138,11 +138,11 @@ def format_report(r: dict[str, Any], cfg: DemoConfig) -> str:
         f"  FVU                {r['fvu']:8.4f}   fraction of the activations' variance the SAE does not reconstruct (0 is perfect)",
         f"  L0                 {r['l0']:8.2f}   latents active per token",
         f"  dead latents       {100 * r['dead_fraction']:7.1f}%   latents that never fired on the held-out tokens",
-        f"  CE loss recovered  {r['ce_loss_recovered']:8.4f}   share of the loss gap between zero-ablating the site and the clean model "
+        f"  CE loss recovered  {r['ce_loss_score']:8.4f}   share of the loss gap between zero-ablating the site and the clean model "
         "that splicing in the SAE closes (1 is perfect)",
         f"  CE loss            {r['ce_sae']:8.4f}   next-token loss with the SAE spliced in (clean {r['ce_clean']:.4f}, "
         f"zero-ablated {r['ce_zero']:.4f}; nats/token)",
-        f"  KL(clean || SAE)   {r['kl']:8.4f}   how far splicing moves the next-token distribution (nats/token)",
+        f"  KL(clean || SAE)   {r['kl_clean_sae']:8.4f}   how far splicing moves the next-token distribution (nats/token)",
     ]
     if "sae_path" in r:
         lines += ["", "Wrote:", f"  the SAE      {r['sae_path']}/   (sae_hooks.load({r['sae_path']!r}))"]
