@@ -23,7 +23,7 @@ tensor (``hook_resid_pre`` / ``hook_in``) the first is canonical.
 
 Families and what is exact (every name, read *and* written, is checked against a TransformerLens 4
 ``TransformerBridge`` built on the same module with random norm weights and biases in
-``tests/test_hooknames.py`` and ``tests/adapters/test_hookname_conformance.py``, except where marked):
+``tests/sites/test_hooknames.py`` and ``tests/adapters/test_hookname_conformance.py``, except where marked):
 
 ========================= ============================ ===============================================
 family (``model_type``)   layer path                   notes
