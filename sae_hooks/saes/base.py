@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..config import SAEConfig
 from ..errors import ShapeMismatchError
+from .kernels import sparse_decode_values
 
 Latents = "Tensor | SparseLatents"
 
@@ -233,13 +234,9 @@ class SAE(nn.Module):
 
 
 def sparse_decode(latents: SparseLatents, W_dec: Tensor) -> Tensor:
-    """``dense(latents) @ W_dec`` by gathering ``k`` rows per token (no ``(N, d_sae)`` matrix)."""
+    """``dense(latents) @ W_dec`` by gathering ``k`` rows per token (no ``(N, d_sae)`` matrix, also in
+    the backward: :class:`~.kernels.SparseDecode`)."""
     lead = latents.values.shape[:-1]
     k = latents.values.shape[-1]
-    out = F.embedding_bag(
-        latents.indices.reshape(-1, k),
-        W_dec,
-        per_sample_weights=latents.values.reshape(-1, k).to(W_dec.dtype),
-        mode="sum",
-    )
+    out = sparse_decode_values(latents.values.reshape(-1, k), latents.indices.reshape(-1, k), W_dec)
     return out.reshape(*lead, W_dec.shape[-1])

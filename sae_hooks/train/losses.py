@@ -10,9 +10,9 @@ Conventions (``x`` is ``(N, d_in)``, ``x_hat`` the reconstruction, ``||·||`` th
   x_hat`` detached, ``NMSE(r, e) = mean ||r − e||² / mean ||e − mean e||²``, no decoder bias in the
   auxiliary reconstruction, ``aux_k = min(256, n_dead)`` by default, coefficient 1/32. Dead latents are
   masked with −inf before the top-k (SAELens) so a live latent is never picked. The forward uses
-  sparse latents: a gather with a sparse backward (:class:`~.autograd.GatherEncode`) and an
-  ``embedding_bag`` decode; the only dense ``(N, d_sae)`` tensor is the (no-grad) pre-activation
-  matrix used to choose the top k.
+  sparse latents: a blocked selection (:func:`~sae_hooks.saes.kernels.topk_select`, one ``(rows,
+  d_sae)`` no-grad block at a time), a gather with a sparse backward (``GatherEncode``) and a decode
+  with a sparse backward (``SparseDecode``): no dense ``(N, d_sae)`` tensor and no dense gradient.
 * ``batchtopk``: the same losses with the batch-level top ``k·N`` (Bussmann et al. 2024); dense by
   nature. The inference threshold is an exponential moving average of the smallest activation the
   batch top-k kept: ``θ ← θ + threshold_lr · (min_kept − θ)`` (first batch: ``θ = min_kept``), as in
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..saes.base import SAE, SparseLatents, sparse_decode
-from ..saes.kernels import gather_encode, jumprelu, step
+from ..saes.kernels import gather_encode, jumprelu, step, topk_select
 
 
 @dataclass
@@ -114,20 +114,25 @@ def gated_loss(sae: SAE, x: Tensor, l1_coefficient: float, target: Tensor | None
 
 
 def _auxk(
-    sae: SAE, x_in: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, aux_k: int,
-    aux_denom: Callable[[Tensor], Tensor] | None = None,
+    sae: SAE, x_in: Tensor, pre: Tensor | None, residual: Tensor, dead: Tensor, aux_k: int,
+    aux_denom: Callable[[Tensor], Tensor] | None = None, selected: tuple[Tensor | None, Tensor | None] | None = None,
 ) -> Tensor | None:
     """OpenAI's AuxK term (normalised MSE of the dead latents' reconstruction of the residual).
 
     ``aux_denom(residual)`` replaces the batch's ``mean ||e − mean e||²`` (data-parallel training passes
     the value over every rank's rows, so the loss is the one of the whole batch)."""
-    n_dead = int(dead.sum())
-    k_aux = min(aux_k, n_dead)
-    if k_aux == 0:
-        return None
-    with torch.no_grad():
-        masked = pre.masked_fill(~dead, float("-inf"))
-        values, idx = masked.topk(k_aux, dim=-1, sorted=False)
+    if selected is not None:  # chosen by topk_select alongside the main top-k
+        values, idx = selected
+        if values is None:
+            return None
+    else:
+        n_dead = int(dead.sum())
+        k_aux = min(aux_k, n_dead)
+        if k_aux == 0:
+            return None
+        with torch.no_grad():
+            masked = pre.masked_fill(~dead, float("-inf"))
+            values, idx = masked.topk(k_aux, dim=-1, sorted=False)
     b_enc = sae.b_enc if sae.has_encoder_bias else None
     acts = torch.relu(gather_encode(x_in, sae.W_enc, b_enc, idx, values))
     recon = sparse_decode(SparseLatents(acts, idx, sae.cfg.d_sae), sae.W_dec)
@@ -143,17 +148,19 @@ def topk_loss(
     y = x if target is None else target
     x_in = _encoder_input(sae, x)
     b_enc = sae.b_enc if sae.has_encoder_bias else None
-    with torch.no_grad():
-        pre = x_in @ sae.W_enc
-        if b_enc is not None:
-            pre = pre + b_enc
-        values, idx = pre.topk(int(sae.cfg.k), dim=-1, sorted=False)
-    acts = torch.relu(gather_encode(x_in, sae.W_enc, b_enc, idx, values))
+    # Blocked selection (one (rows, d_sae) pre-activation block at a time) of the top k and of the
+    # AuxK candidates; every gradient below is sparse (saes/kernels.py).
+    sel = topk_select(x_in.detach(), sae.W_enc, b_enc, int(sae.cfg.k), dead=dead if aux_coefficient else None, aux_k=aux_k)
+    idx = sel.indices
+    acts = torch.relu(gather_encode(x_in, sae.W_enc, b_enc, idx, sel.values))
     x_hat = sparse_decode(SparseLatents(acts, idx, sae.cfg.d_sae), sae.W_dec) + sae.b_dec + _skip(sae, x)
     mse = _mse(y, x_hat)
     loss = mse_scale * mse
     aux = torch.zeros((), device=x.device)
-    auxk = _auxk(sae, x_in, pre, (y - x_hat).detach(), dead, aux_k, aux_denom) if aux_coefficient else None
+    auxk = (
+        _auxk(sae, x_in, None, (y - x_hat).detach(), dead, aux_k, aux_denom, selected=(sel.aux_values, sel.aux_indices))
+        if aux_coefficient else None
+    )
     if auxk is not None:
         aux = aux_coefficient * auxk
         loss = loss + aux
