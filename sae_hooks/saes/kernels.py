@@ -107,15 +107,16 @@ class LatentMajor:
     """The transpose of a ``(N, k)`` selection pattern, latent-major: build once, reuse per value set.
 
     ``csr(values)`` is the ``(d_sae, N)`` CSR matrix with ``values[n, j]`` at ``(idx[n, j], n)``.
+    Indices are int32 when they fit (what MKL takes; saves two conversions per product).
     """
 
     def __init__(self, idx: Tensor, d_sae: int):
         flat = idx.reshape(-1)
         self.order = torch.argsort(flat)
-        latents = flat[self.order]
-        self.tokens = torch.div(self.order, idx.shape[1], rounding_mode="floor")
-        counts = torch.bincount(latents, minlength=d_sae)
-        self.crow = torch.zeros(d_sae + 1, dtype=torch.long, device=idx.device)
+        index_dtype = torch.int32 if max(flat.numel(), d_sae) < 2**31 - 1 else torch.long
+        self.tokens = torch.div(self.order, idx.shape[1], rounding_mode="floor").to(index_dtype)
+        counts = torch.bincount(flat, minlength=d_sae)
+        self.crow = torch.zeros(d_sae + 1, dtype=index_dtype, device=idx.device)
         torch.cumsum(counts, 0, out=self.crow[1:])
         self.shape = (d_sae, idx.shape[0])
 
@@ -128,12 +129,40 @@ class LatentMajor:
 def _t_matmul(pattern: LatentMajor, values: Tensor, dense: Tensor, like: Tensor, latent_major: bool) -> Tensor:
     """``S^T @ dense`` with ``S (N, d_sae)`` sparse (pattern and values), ``dense (N, d)``: the
     gradient of the parameter ``like``, ``(d_sae, d)`` when ``latent_major`` (a decoder) else
-    ``(d, d_sae)`` (an encoder), with ``like``'s strides."""
+    ``(d, d_sae)`` (an encoder), with ``like``'s strides. Computed latent-major (the layout of the
+    CSR product); an encoder stored ``(d, d_sae)``-contiguous pays one transposing copy, one stored
+    latent-major (:func:`latent_major_`) none."""
     st = pattern.csr(values.to(dense.dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = st @ dense if latent_major else torch.mm(dense.T, st.t())
-    return out if _same_layout(out, like) else out.T.contiguous().T
+        # beta=0: the uninitialised output is ignored (no zero fill of a parameter-sized buffer).
+        out = torch.addmm(dense.new_empty(st.shape[0], dense.shape[1]), st, dense, beta=0)
+    if not latent_major:
+        out = out.T
+    return out if _same_layout(out, like) else torch.empty_like(like).copy_(out)
+
+
+@torch.no_grad()
+def latent_major_(param: Tensor) -> Tensor:
+    """Re-lay a ``(d_in, d_sae)`` encoder weight in place so that each latent's column is contiguous
+    (storage ``(d_sae, d_in)``, as ``nn.Linear`` stores it): its sparse gradient is then written
+    without a transposing copy. Values, shape and ``x @ W_enc`` are unchanged. Returns ``param``."""
+    if param.dim() == 2 and param.stride(0) != 1:
+        param.data = param.data.T.contiguous().T
+    return param
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimiser state tensor its parameter's strides (a ``load_state_dict`` post-hook).
+
+    Checkpoints store state contiguous; a parameter stored otherwise (:func:`latent_major_`) must
+    get state with its own layout, or the fused Adam kernel would pair mismatched elements.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, t in optimizer.state.get(p, {}).items():
+                if isinstance(t, Tensor) and t.shape == p.shape and t.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -214,8 +243,9 @@ def gather_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, idx: Tensor, v
 class SparseDecode(torch.autograd.Function):
     """``out[n] = Σ_j values[n, j] · W_dec[idx[n, j]]`` (an ``embedding_bag``) with a sparse backward.
 
-    ``∂/∂values[n, j] = W_dec[idx[n, j]] · grad[n]`` (row-chunked gathers, at most
-    :data:`GATHER_BLOCK_ELEMENTS` at a time); ``∂/∂W_dec = Sᵀ @ grad`` with ``S`` the sparse
+    ``∂/∂values[n, j] = W_dec[idx[n, j]] · grad[n]`` (a sampled product at the ``N·k`` entries on
+    CPU; elsewhere row-chunked gathers, at most :data:`GATHER_BLOCK_ELEMENTS` at a time);
+    ``∂/∂W_dec = Sᵀ @ grad`` with ``S`` the sparse
     ``(N, d_sae)`` latents: a CSR product on CPU written straight into a ``(d_sae, d_out)`` tensor,
     the native ``embedding_bag`` backward elsewhere.
     """
@@ -232,10 +262,14 @@ class SparseDecode(torch.autograd.Function):
         grad_v = grad_W = None
         if ctx.needs_input_grad[0]:
             n, k = idx.shape
-            grad_v = torch.empty(n, k, dtype=W_dec.dtype, device=W_dec.device)
-            rows = max(1, GATHER_BLOCK_ELEMENTS // max(1, k * W_dec.shape[1]))
-            for a in range(0, n, rows):
-                torch.bmm(W_dec[idx[a : a + rows]], grad[a : a + rows, :, None], out=grad_v[a : a + rows, :, None])
+            if _use_csr(W_dec):  # sampled dense-dense product at the k entries per row
+                pattern = rows_csr(idx, torch.zeros(n, k, dtype=W_dec.dtype, device=W_dec.device), W_dec.shape[0])
+                grad_v = torch.sparse.sampled_addmm(pattern, grad, W_dec.T, beta=0).values().view(n, k)
+            else:
+                grad_v = torch.empty(n, k, dtype=W_dec.dtype, device=W_dec.device)
+                rows = max(1, GATHER_BLOCK_ELEMENTS // max(1, k * W_dec.shape[1]))
+                for a in range(0, n, rows):
+                    torch.bmm(W_dec[idx[a : a + rows]], grad[a : a + rows, :, None], out=grad_v[a : a + rows, :, None])
             grad_v = grad_v.to(values.dtype)
         if ctx.needs_input_grad[2]:
             if _use_csr(W_dec):

@@ -170,3 +170,49 @@ def test_topk_loss_gradients_equal_a_dense_autograd_reference(b_dec_in: bool) ->
     expected = torch.autograd.grad(loss, list(params.values()))
     for (name, _), a, e in zip(sae.named_parameters(), grads, expected):
         torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_latent_major_encoder_gets_gradients_in_its_layout_and_fused_adam_state_survives_a_reload(tmp_path) -> None:
+    """A TopK entry stores W_enc latent-major; its gradient, Adam state and a checkpoint round trip keep
+    that layout, and training continues exactly as without the reload."""
+    from sae_hooks.saes.kernels import latent_major_, match_state_layout
+    from sae_hooks.train import TrainEntry, TrainSettings
+
+    W = torch.randn(D, L)
+    P = latent_major_(torch.nn.Parameter(W.clone()))
+    assert torch.equal(P, W) and P.T.is_contiguous() and P.stride() == (1, D)
+
+    def entry() -> TrainEntry:
+        return TrainEntry("e", "x", make_sae("topk", D, L, k=K), TrainSettings(lr=1e-2, warmup_steps=0))
+
+    g = torch.Generator().manual_seed(10)
+    xs = [torch.randn(N, D, generator=g) for _ in range(4)]
+    a = entry()
+    assert a.sae.W_enc.stride() == (1, D) and a.optimizer.defaults.get("fused")
+    for x in xs[:2]:
+        a.train_step(x)
+    assert a.sae.W_enc.grad is None or a.sae.W_enc.grad.stride() == (1, D)
+    assert a.optimizer.state[a.sae.W_enc]["exp_avg"].stride() == (1, D)
+    # Reload the optimiser state as a checkpoint stores it (contiguous) into a fresh entry.
+    b = entry()
+    b.sae.load_state_dict(a.sae.state_dict())
+    b.state = type(a.state)(**vars(a.state))
+    b.sae.cfg = a.sae.cfg  # the input scale chosen on the first batch
+    b.tokens_since_fired.copy_(a.tokens_since_fired)
+    sd = a.optimizer.state_dict()
+    sd["state"] = {i: {k: (v.contiguous().clone() if v.dim() else v.clone()) for k, v in st.items()} for i, st in sd["state"].items()}
+    b.optimizer.load_state_dict(sd)
+    assert b.optimizer.state[b.sae.W_enc]["exp_avg"].stride() == (1, D)
+    for x in xs[2:]:
+        a.train_step(x)
+        b.train_step(x)
+    for (name, pa), pb in zip(a.sae.named_parameters(), b.sae.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    # Without the post-hook the fused kernel would pair mismatched elements: the hook is what matters.
+    opt = torch.optim.Adam([torch.nn.Parameter(W.clone().T.contiguous().T)], lr=0.1, fused=True)
+    opt.register_load_state_dict_post_hook(match_state_layout)
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.randn(D, L)
+    opt.step()
+    opt.load_state_dict(opt.state_dict() | {"state": {0: {k: v.contiguous() for k, v in opt.state_dict()["state"][0].items()}}})
+    assert opt.state[p]["exp_avg_sq"].stride() == p.stride()
