@@ -112,7 +112,8 @@ class LatentMajor:
 
     def __init__(self, idx: Tensor, d_sae: int):
         flat = idx.reshape(-1)
-        self.order = torch.argsort(flat)
+        # Stable: each latent's tokens stay in ascending order (sorted CSR columns, what MKL expects).
+        self.order = torch.sort(flat, stable=True).indices
         index_dtype = torch.int32 if max(flat.numel(), d_sae) < 2**31 - 1 else torch.long
         self.tokens = torch.div(self.order, idx.shape[1], rounding_mode="floor").to(index_dtype)
         counts = torch.bincount(flat, minlength=d_sae)
