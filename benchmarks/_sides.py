@@ -4,8 +4,8 @@
                        "tokens": 2048, "steps": 3, "warmup": 1, "threads": 2, "infer": 3}'
 
 Imports only the side's own library (sparsify and SAELens live in their own virtual environments).
-Prints one line ``RESULT {json}``: per-step training times (forward, backward, Adam, decoder
-constraint; no model), the peak RSS of the training part, and inference encode/decode times.
+Prints one line ``RESULT {json}``: per-step training times, wall and CPU (forward, backward, Adam,
+decoder constraint; no model), the peak RSS of the training part, and inference encode/decode times.
 """
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ def timed(fn, sync) -> float:  # noqa: ANN001
     fn()
     sync()
     return time.perf_counter() - t
+
+
+def timed_cpu(fn, sync) -> tuple[float, float]:  # noqa: ANN001
+    """(wall seconds, CPU seconds of this process: all threads, user + system)."""
+    sync()
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    sync()
+    return time.perf_counter() - t, time.process_time() - c
 
 
 # Each side returns (train_step(x) -> None, encode(x) -> latents, decode(latents) -> x_hat).
@@ -155,11 +164,12 @@ def main() -> None:
     xs = [x.to(a["device"]) for x in batches(a, torch)]
     base = rss_gb()
     step, encode, decode = {"ours": ours, "before": ours, "sparsify": sparsify, "saelens": saelens}[a["side"]](a, torch)
-    times = []
+    times, cpu = [], []
     for i in range(a["warmup"] + a["steps"]):
-        dt = timed(lambda: step(xs[i % len(xs)]), sync)
+        dt, dc = timed_cpu(lambda: step(xs[i % len(xs)]), sync)
         if i >= a["warmup"]:
             times.append(dt)
+            cpu.append(dc)
     peak = peak_gb()
     enc, dec = [], []
     with torch.no_grad():
@@ -171,7 +181,7 @@ def main() -> None:
             if i:
                 enc.append(te)
                 dec.append(td)
-    print("RESULT " + json.dumps({"train": times, "peak_gb": peak, "base_gb": base, "encode": enc, "decode": dec}))
+    print("RESULT " + json.dumps({"train": times, "cpu": cpu, "peak_gb": peak, "base_gb": base, "encode": enc, "decode": dec}))
 
 
 if __name__ == "__main__":

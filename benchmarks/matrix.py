@@ -14,7 +14,8 @@ cannot be imported next to TransformerLens 4), one side after the other, ``--rou
 (interleaved: ours, sparsify, SAELens, ours, ...). Each process times ``--steps`` training steps after
 ``--warmup`` (forward, backward, Adam, decoder constraint: each library's own step, no model), then
 encode and decode (no grad). Reported: medians over all timed steps of all rounds, tokens/s, the
-ratio (their step time / ours: > 1 means we are faster), peak RSS of the training process. A
+ratio (their step time / ours: > 1 means we are faster), the same for CPU time (all threads; less
+sensitive to other load on a shared machine), peak RSS of the training process. A
 side whose estimated peak exceeds ``--mem-limit-gb`` is not run ("did not fit"), and a process
 that crosses the limit is killed and reported as such.
 
@@ -123,12 +124,15 @@ def fmt_s(t: float | None) -> str:
 
 
 def median_of(results: list[dict], key: str) -> float | None:
-    vals = [v for r in results if "error" not in r for v in r[key]]
+    vals = [v for r in results if "error" not in r for v in r.get(key, [])]
     return statistics.median(vals) if vals else None
 
 
-def bench_cells(args: argparse.Namespace, cells: list, pythons: dict[str, str]) -> tuple[list[str], dict]:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(args.threads), "SPARSIFY_DISABLE_TRITON": "0"}
+def bench_cells(args: argparse.Namespace, cells: list, pythons: dict[str, str], on_cell=None) -> tuple[list[str], dict]:  # noqa: ANN001
+    """Run every cell; ``on_cell(rows, raw)`` after each (the table so far, so a long run can be read early)."""
+    # PASSIVE: idle OpenMP threads sleep instead of spinning, so CPU time counts work, not waiting
+    # (a shared machine makes wall time noisy; the table reports both). Same for every side.
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
     raw: dict = {}
     for cell in cells:
         d, L, k, n = cell
@@ -151,6 +155,9 @@ def bench_cells(args: argparse.Namespace, cells: list, pythons: dict[str, str]) 
                 print(f"  [{cell_name(cell)} round {r + 1}] {LABEL[side]:>22}: {msg}  ({time.perf_counter() - t0:.0f}s)",
                       file=sys.stderr, flush=True)
         raw[cell_name(cell)] = {"results": res, "skipped": skipped}
+        if on_cell is not None:
+            done = [c for c in cells if cell_name(c) in raw]
+            on_cell(table(raw, done, pythons, args), raw)
     return table(raw, cells, pythons, args), raw
 
 
@@ -161,6 +168,7 @@ def table(raw: dict, cells: list, pythons: dict, args: argparse.Namespace) -> li
     for s in sides:
         head += [f"{LABEL[s]} step", "tok/s"]
     head += [f"× vs {LABEL[s]}" for s in others]
+    head += ["CPU s/step " + " / ".join(LABEL[s] for s in sides)] + [f"CPU × vs {LABEL[s]}" for s in others]
     head += ["peak RSS GB " + " / ".join(LABEL[s] for s in sides)]
     head += ["encode tok/s " + " / ".join(LABEL[s] for s in sides), "decode tok/s " + " / ".join(LABEL[s] for s in sides)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -182,6 +190,10 @@ def table(raw: dict, cells: list, pythons: dict, args: argparse.Namespace) -> li
                 row += [fmt_s(step[s]), f"{n / step[s]:,.0f}"]
         for s in others:
             row.append(f"{step[s] / step['ours']:.2f}×" if step.get(s) and step.get("ours") else "—")
+        cpu = {s: median_of(res.get(s, []), "cpu") for s in sides if s not in skipped}
+        row.append(" / ".join(f"{cpu[s]:.2f}" if cpu.get(s) else "—" for s in sides))
+        for s in others:
+            row.append(f"{cpu[s] / cpu['ours']:.2f}×" if cpu.get(s) and cpu.get("ours") else "—")
 
         def per_side(key: str, f) -> str:  # noqa: ANN001
             vals = []
@@ -257,7 +269,14 @@ def main() -> None:
     if not args.no_matrix:
         cells = select_cells(args.cells, args.quick)
         print(f"{len(cells)} cells, sides {', '.join(pythons)}", file=sys.stderr)
-        rows, raw = bench_cells(args, cells, pythons)
+        out_path = Path(args.out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+
+        def partial(rows: list[str], raw: dict) -> None:
+            out_path.write_text("\n".join([*lines, "", *rows, "", "(partial: still running)"]) + "\n")
+            out_path.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
+
+        rows, raw = bench_cells(args, cells, pythons, on_cell=partial)
         lines += ["", *rows]
         skipped = [f"{c}: {', '.join(f'{LABEL[s]} (est. {g:.1f} GB)' for s, g in v['skipped'].items())}"
                    for c, v in raw.items() if v["skipped"]]
@@ -266,7 +285,7 @@ def main() -> None:
     extras = {e.strip() for e in args.extras.split(",") if e.strip()}
     if "all" in extras:
         extras = {"e2e", "splice", "data"}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE"}
     if "e2e" in extras:
         lines += ["", "## End-to-end in-place training (random GPT-2-small-shaped model)", "", "```",
                   run_script([sys.executable, str(HERE / "bench_train.py"), "--gpt2-small", "--device", args.device,

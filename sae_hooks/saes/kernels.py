@@ -323,9 +323,7 @@ def topk_select(
     aux_i = torch.empty(n, k_aux, dtype=torch.long, device=x.device) if k_aux else None
     live = ~dead if k_aux else None
     for a in range(0, n, rows):
-        pre = x[a : a + rows] @ W_enc
-        if b_enc is not None:
-            pre += b_enc
+        pre = x[a : a + rows] @ W_enc if b_enc is None else torch.addmm(b_enc, x[a : a + rows], W_enc)
         v, i = pre.topk(k, dim=-1, sorted=False)
         values[a : a + rows] = v
         indices[a : a + rows] = i
