@@ -148,6 +148,8 @@ def bench_cells(args: argparse.Namespace, cells: list, pythons: dict[str, str], 
                 child_env = dict(env)
                 if side == "before":
                     child_env["PYTHONPATH"] = args.baseline_src
+                elif side == "ours" and args.ours_src:
+                    child_env["PYTHONPATH"] = args.ours_src
                 t0 = time.perf_counter()
                 out = run_child(py, child, args.mem_limit_gb, child_env)
                 res[side].append(out)
@@ -232,6 +234,7 @@ def main() -> None:
     ap.add_argument("--sparsify-python", default=str(ROOT.parent / "perf-sparsify-venv" / "bin" / "python"))
     ap.add_argument("--saelens-python", default=str(ROOT.parent / "perf-saelens-venv" / "bin" / "python"))
     ap.add_argument("--baseline-src", help="folder holding an older sae_hooks package: side 'before' runs it")
+    ap.add_argument("--ours-src", help="folder holding the sae_hooks package side 'ours' runs (default: the installed one)")
     ap.add_argument("--extras", default="", help="comma-separated: e2e,splice,data (or 'all')")
     ap.add_argument("--no-matrix", action="store_true", help="only the --extras")
     ap.add_argument("--note", default="", help="a line added under the table (e.g. 'machine shared with 8 engineers')")
