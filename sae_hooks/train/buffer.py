@@ -67,9 +67,12 @@ class ShuffleBuffer:
             n += chunk[self.sites[0]].shape[0]
         if not parts:
             return
-        # One pass per site: every row (kept or new) is written once to a uniformly random position
-        # of a fresh buffer (no concatenation first; half the memory traffic of cat + gather).
-        pos = torch.randperm(n, generator=self.generator)
+        # One pass per site: every row (kept or new) is written once to its place in a fresh buffer
+        # (no concatenation first: half the memory traffic of cat + gather). The order is exactly
+        # ``cat(parts)[perm]``: row j goes to where perm puts it, ``inverse(perm)[j]``.
+        perm = torch.randperm(n, generator=self.generator)
+        pos = torch.empty_like(perm)
+        pos[perm] = torch.arange(n)
         rows = {}
         for s in self.sites:
             first = parts[0][s]

@@ -16,7 +16,8 @@ from sae_hooks.saes.kernels import (
     SparseDecode, encoder_weight_grad, gather_encode, normalize_rows_, remove_parallel_component_,
     sparse_decode_values, topk_select,
 )
-from sae_hooks.train import losses
+from sae_hooks.saes.topk import TopKTraining
+from sae_hooks.saes.training import AuxKSettings, StepContext
 
 N, D, L, K = 37, 12, 50, 5
 
@@ -150,7 +151,7 @@ def test_topk_loss_gradients_equal_a_dense_autograd_reference(b_dec_in: bool) ->
     x = torch.randn(N, D, dtype=torch.float64)
     dead = torch.zeros(L, dtype=torch.bool)
     dead[1::4] = True
-    out = losses.topk_loss(sae, x, mse_scale=0.7, dead=dead, aux_k=6, aux_coefficient=0.25)
+    out = TopKTraining().loss(sae, x, None, AuxKSettings(aux_k=6, aux_coefficient=0.25), StepContext(dead=dead, mse_scale=0.7))
     grads = torch.autograd.grad(out.loss, list(sae.parameters()))
 
     # Dense reference: mask the pre-activations to the chosen sets, ReLU, dense decode.
@@ -176,36 +177,33 @@ def test_latent_major_encoder_gets_gradients_in_its_layout_and_fused_adam_state_
     """A TopK entry stores W_enc latent-major; its gradient, Adam state and a checkpoint round trip keep
     that layout, and training continues exactly as without the reload."""
     from sae_hooks.saes.kernels import latent_major_, match_state_layout
-    from sae_hooks.train import TrainEntry, TrainSettings
+    from sae_hooks.train import TrainEntry, Trainer, TrainSettings
 
     W = torch.randn(D, L)
     P = latent_major_(torch.nn.Parameter(W.clone()))
     assert torch.equal(P, W) and P.T.is_contiguous() and P.stride() == (1, D)
 
     def entry() -> TrainEntry:
-        return TrainEntry("e", "x", make_sae("topk", D, L, k=K), TrainSettings(lr=1e-2, warmup_steps=0))
+        return TrainEntry("e", "x", make_sae("topk", D, L, k=K), TrainSettings(lr=1e-2, warmup_steps=0, init_batches=1))
 
     g = torch.Generator().manual_seed(10)
     xs = [torch.randn(N, D, generator=g) for _ in range(4)]
-    a = entry()
+    ta = Trainer([entry()])
+    a = ta.entries[0]
     assert a.sae.W_enc.stride() == (1, D) and a.optimizer.defaults.get("fused")
     for x in xs[:2]:
-        a.train_step(x)
-    assert a.sae.W_enc.grad is None or a.sae.W_enc.grad.stride() == (1, D)
+        ta.step(x)
     assert a.optimizer.state[a.sae.W_enc]["exp_avg"].stride() == (1, D)
-    # Reload the optimiser state as a checkpoint stores it (contiguous) into a fresh entry.
-    b = entry()
-    b.sae.load_state_dict(a.sae.state_dict())
-    b.state = type(a.state)(**vars(a.state))
-    b.sae.cfg = a.sae.cfg  # the input scale chosen on the first batch
-    b.tokens_since_fired.copy_(a.tokens_since_fired)
-    sd = a.optimizer.state_dict()
-    sd["state"] = {i: {k: (v.contiguous().clone() if v.dim() else v.clone()) for k, v in st.items()} for i, st in sd["state"].items()}
-    b.optimizer.load_state_dict(sd)
+    # A checkpoint stores tensors contiguous; the resumed run gets the parameter's layout back.
+    ta.save_checkpoint(tmp_path / "ck")
+    tb = Trainer([entry()])
+    tb.load_checkpoint(tmp_path / "ck")
+    b = tb.entries[0]
+    assert b.sae.W_enc.stride() == (1, D)
     assert b.optimizer.state[b.sae.W_enc]["exp_avg"].stride() == (1, D)
     for x in xs[2:]:
-        a.train_step(x)
-        b.train_step(x)
+        ta.step(x)
+        tb.step(x)
     for (name, pa), pb in zip(a.sae.named_parameters(), b.sae.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
     # Without the post-hook the fused kernel would pair mismatched elements: the hook is what matters.
