@@ -61,7 +61,11 @@ def ours(a: dict, torch):  # noqa: ANN001, ANN201
     from sae_hooks.train import TrainEntry, TrainSettings
 
     sae = make_sae("topk", a["d_in"], a["d_sae"], k=a["k"])
-    entry = TrainEntry("sae", "x", sae, TrainSettings(lr=a["lr"], warmup_steps=10), device=a["device"])
+    import dataclasses
+
+    # Newer trainers collect init_batches batches for the data statistics before the first step.
+    first = {"init_batches": 1} if "init_batches" in {f.name for f in dataclasses.fields(TrainSettings)} else {}
+    entry = TrainEntry("sae", "x", sae, TrainSettings(lr=a["lr"], warmup_steps=10, **first), device=a["device"])
     autocast = torch.bfloat16 if a.get("bf16") else None
 
     def step(x):  # noqa: ANN001, ANN202

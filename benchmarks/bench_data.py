@@ -6,7 +6,7 @@
   through a :class:`ShuffleBuffer`; the buffer alone over in-memory chunks; and the TopK SAE training
   step alone (``d_sae``, ``k``) on batches of the same size. The buffer must cost a small fraction
   of the step; the model forward is what a live run waits for on CPU.
-* disk: :func:`capture` writing ``--disk-tokens`` activations (a one-layer embedding model, so the
+* disk: :func:`save_activations` writing ``--disk-tokens`` activations (a one-layer embedding model, so the
   time is the store's own: reading the site, safetensors shards, atomic folder) vs
   :class:`DiskSource` replaying them shuffled (shard order and rows) through a :class:`ShuffleBuffer`.
 
@@ -62,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from sae_hooks import make_sae
-    from sae_hooks.train import DiskSource, IteratorSource, LiveSource, ShuffleBuffer, TrainEntry, TrainSettings, capture
+    from sae_hooks.train import DiskSource, IteratorSource, LiveSource, ShuffleBuffer, TrainEntry, TrainSettings, save_activations
 
     g = torch.Generator().manual_seed(0)
     model = gpt2_small(args.device)
@@ -102,7 +102,7 @@ def main() -> None:
     print(f"shuffle buffer alone (in memory)     {rate(n_mem, t_mem)}")
 
     # What training consumes.
-    entry = TrainEntry("sae", site, make_sae("topk", 768, args.d_sae, k=args.k), TrainSettings(lr=1e-4, warmup_steps=10),
+    entry = TrainEntry("sae", site, make_sae("topk", 768, args.d_sae, k=args.k), TrainSettings(lr=1e-4, warmup_steps=10, init_batches=1),
                        device=args.device)
     xs = [torch.randn(args.batch_tokens, 768, generator=g).to(args.device) for _ in range(2)]
     entry.train_step(xs[0])
@@ -124,11 +124,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "acts")
         t = time.perf_counter()
-        capture(emb, ["0"], disk_batches, out, bos_token_id=0, shard_tokens=2**15)
+        save_activations(emb, ["0"], disk_batches, out, bos_token_id=0, shard_tokens=2**15)
         t_write = time.perf_counter() - t
         n_disk = n_rows * per_forward
         size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**20
-        print(f"activation store: write (capture)    {rate(n_disk, t_write)}   ({size:,.0f} MiB)")
+        print(f"activation store: write (save_activations) {rate(n_disk, t_write)}   ({size:,.0f} MiB)")
         for shuffle in (False, True):
             buf = ShuffleBuffer(DiskSource(out, shuffle=shuffle), batch_tokens=args.batch_tokens, size_tokens=2**16,
                                 device=args.device)
