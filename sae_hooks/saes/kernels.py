@@ -298,12 +298,14 @@ class TopKSelection(NamedTuple):
     indices: Tensor
     aux_values: Tensor | None = None
     aux_indices: Tensor | None = None
+    #: the ``(N, d_sae)`` pre-activations when they fit in one block (``keep_pre=True``), else ``None``.
+    pre: Tensor | None = None
 
 
 @torch.no_grad()
 def topk_select(
     x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int, *, dead: Tensor | None = None, aux_k: int = 0,
-    block_elements: int | None = None,
+    block_elements: int | None = None, keep_pre: bool = False,
 ) -> TopKSelection:
     """The top ``k`` pre-activations ``x @ W_enc + b_enc`` per row of ``x (N, d_in)``, computed in row
     blocks so that at most one ``(rows, d_sae)`` block (``block_elements``, default
@@ -312,6 +314,8 @@ def topk_select(
     With ``dead`` (``(d_sae,)`` bool) and ``aux_k > 0``, also the top ``min(aux_k, n_dead)`` among the
     dead latents (live ones masked with −inf, as in SAELens), from the same block. Under autocast the
     matmul runs in the autocast dtype (bf16 halves its time on CPUs with AVX512-BF16 / AMX).
+    With ``keep_pre`` and a single block (``N · d_sae <= block_elements``), that block is returned as
+    ``pre`` (it exists anyway); larger inputs never keep one.
     """
     n, d_sae = x.shape[0], W_enc.shape[1]
     budget = block_elements or SELECT_BLOCK_ELEMENTS
@@ -322,8 +326,11 @@ def topk_select(
     aux_v = torch.empty(n, k_aux, dtype=x.dtype, device=x.device) if k_aux else None
     aux_i = torch.empty(n, k_aux, dtype=torch.long, device=x.device) if k_aux else None
     live = ~dead if k_aux else None
+    kept = None
     for a in range(0, n, rows):
         pre = x[a : a + rows] @ W_enc if b_enc is None else torch.addmm(b_enc, x[a : a + rows], W_enc)
+        if keep_pre and rows >= n:
+            kept = pre.clone() if k_aux else pre
         v, i = pre.topk(k, dim=-1, sorted=False)
         values[a : a + rows] = v
         indices[a : a + rows] = i
@@ -331,7 +338,7 @@ def topk_select(
             v, i = pre.masked_fill_(live, float("-inf")).topk(k_aux, dim=-1, sorted=False)
             aux_v[a : a + rows] = v  # type: ignore[index]
             aux_i[a : a + rows] = i  # type: ignore[index]
-    return TopKSelection(values, indices, aux_v, aux_i)
+    return TopKSelection(values, indices, aux_v, aux_i, kept)
 
 
 # Decoder constraint ---------------------------------------------------------------------------------

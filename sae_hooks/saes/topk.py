@@ -49,11 +49,12 @@ class TopKSAE(SAE):
             return self.activate(pre), pre
         x_in = encoder_input(self, x)
         b_enc = self.b_enc if self.has_encoder_bias else None
-        # Blocked: one (rows, d_sae) pre-activation block at a time, none kept (AuxK recomputes the
-        # dead latents' columns only: training.dead_reconstruction).
-        sel = topk_select(x_in.detach(), self.W_enc, b_enc, self.k)
+        # Blocked: one (rows, d_sae) pre-activation block at a time. The pre-activations ride along
+        # (for AuxK) only when they fit in one block; otherwise AuxK recomputes the dead latents'
+        # columns only (training.dead_reconstruction).
+        sel = topk_select(x_in.detach(), self.W_enc, b_enc, self.k, keep_pre=True)
         acts = torch.relu(gather_encode(x_in, self.W_enc, b_enc, sel.indices, sel.values))
-        return SparseLatents(acts, sel.indices, self.cfg.d_sae), None
+        return SparseLatents(acts, sel.indices, self.cfg.d_sae, pre=sel.pre), sel.pre
 
 
 def auxk_term(sae: SAE, x: Tensor, pre: Tensor | None, residual: Tensor, settings: AuxKSettings, ctx: StepContext) -> Tensor | None:

@@ -214,3 +214,11 @@ def test_latent_major_encoder_gets_gradients_in_its_layout_and_fused_adam_state_
     opt.step()
     opt.load_state_dict(opt.state_dict() | {"state": {0: {k: v.contiguous() for k, v in opt.state_dict()["state"][0].items()}}})
     assert opt.state[p]["exp_avg_sq"].stride() == p.stride()
+
+
+def test_topk_select_keeps_the_pre_activations_only_when_they_fit_in_one_block() -> None:
+    _, x, W, b = _data(11, torch.float32)
+    one = topk_select(x, W, b, K, keep_pre=True)
+    torch.testing.assert_close(one.pre, x @ W + b)
+    assert topk_select(x, W, b, K, keep_pre=True, block_elements=4 * L).pre is None
+    assert topk_select(x, W, b, K).pre is None
