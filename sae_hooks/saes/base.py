@@ -158,10 +158,8 @@ class SAE(nn.Module):
         """Pre-activations from an already normalised input of shape ``(..., d_in)``."""
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        if not self.has_encoder_bias:
-            return x @ self.W_enc
-        # addmm: the bias is added inside the matmul (one pass over the (N, d_sae) result, not two).
-        return torch.addmm(self.b_enc, x.reshape(-1, x.shape[-1]), self.W_enc).reshape(*x.shape[:-1], -1)
+        pre = x @ self.W_enc
+        return pre + self.b_enc if self.has_encoder_bias else pre
 
     def activate(self, pre: Tensor) -> Tensor | SparseLatents:
         """Latents from pre-activations. Implemented by each architecture."""
