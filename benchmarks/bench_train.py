@@ -10,6 +10,7 @@ virtual environment (``.venv-ref-sparsify`` or ``.venv-bench-sparsify``: ``torch
 timed steps; model forward and SAE step are both included.
 
     python benchmarks/bench_train.py [--device cuda] [--d-sae 4096 --k 32 --steps 50]
+    python benchmarks/bench_train.py --gpt2-small      # random GPT-2-small-shaped model, site h.6, d_sae 32768
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ids = torch.load(a["ids"])
 def run(n):
     ds = Dataset.from_dict({"input_ids": ids[: n * a["seqs"]].tolist()}).with_format("torch")
     cfg = TrainConfig(SparseCoderConfig(num_latents=a["d_sae"], k=a["k"]), batch_size=a["seqs"], optimizer="adam",
-                      lr=a["lr"], lr_warmup_steps=10, auxk_alpha=0.0, hookpoints=["h.1"], exclude_tokens=[0],
+                      lr=a["lr"], lr_warmup_steps=10, auxk_alpha=0.0, hookpoints=[f"h.{a['layer']}"], exclude_tokens=[0],
                       log_to_wandb=False, save_every=10**9, save_dir=tempfile.mkdtemp())
     tr = Trainer(cfg, ds, model)
     if a["device"].startswith("cuda"): torch.cuda.synchronize()
@@ -50,8 +51,10 @@ print("RESULT " + json.dumps({"seconds": t_all - t_warm}))
 """
 
 
-def find_sparsify_python() -> Path | None:
-    for name in (".venv-ref-sparsify", ".venv-bench-sparsify"):
+def find_sparsify_python(explicit: str | None = None) -> Path | None:
+    if explicit:
+        return Path(explicit) if Path(explicit).exists() else None
+    for name in (".venv-ref-sparsify", ".venv-bench-sparsify", "../perf-sparsify-venv"):
         py = ROOT / name / "bin" / "python"
         if py.exists():
             return py
@@ -72,10 +75,11 @@ def ours(args, ids) -> float:  # noqa: ANN001
 
     def run(n: int) -> float:
         batches = [ids[i * args.seqs : (i + 1) * args.seqs] for i in range(n)]
-        source = LiveSource(model, ["transformer.h.1"], batches, bos_token_id=0)
+        site = f"transformer.h.{args.layer}"
+        source = LiveSource(model, [site], batches, bos_token_id=0)
         buffer = ShuffleBuffer(source, batch_tokens=batch_tokens, size_tokens=4 * batch_tokens, refill_at=0.5,
                                device=args.device)
-        entry = TrainEntry("sae", "transformer.h.1", make_sae("topk", model.config.n_embd, args.d_sae, k=args.k),
+        entry = TrainEntry("sae", site, make_sae("topk", model.config.n_embd, args.d_sae, k=args.k),
                            TrainSettings(lr=args.lr, warmup_steps=10, arch={"aux_coefficient": 0.0}), device=args.device)
         trainer = Trainer([entry], autocast_dtype=torch.bfloat16 if args.bf16 else None)
         if args.device.startswith("cuda"):
@@ -103,7 +107,29 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for our SAE step")
+    ap.add_argument("--layer", type=int, default=1, help="train on the output of transformer.h.<layer>")
+    ap.add_argument("--gpt2-small", action="store_true",
+                    help="a randomly initialised GPT-2-small-shaped model (768 wide, 12 layers); layer 6, "
+                         "d_sae 32768, 8 x 128 tokens, 5 steps unless given")
+    ap.add_argument("--sparsify-python", help="the Python of a venv with eai-sparsify==1.3.3")
     args = ap.parse_args()
+    if args.gpt2_small:
+        import sys
+        import tempfile
+
+        import transformers
+
+        given = set(a.split("=")[0] for a in sys.argv[1:])
+        for flag, value in (("--layer", 6), ("--d-sae", 32768), ("--seqs", 8), ("--steps", 5), ("--warmup", 2)):
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
+        cfg = transformers.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024,
+                                      bos_token_id=0, eos_token_id=0)
+        import torch as _torch
+
+        _torch.manual_seed(0)
+        args.model = tempfile.mkdtemp(prefix="gpt2-small-random-")
+        transformers.GPT2LMHeadModel(cfg).save_pretrained(args.model)
     if args.model is None:
         from sae_hooks.app.default_model import default_model_path
 
@@ -124,7 +150,7 @@ def main() -> None:
 
     t_ours = ours(args, ids)
     print(f"sae-hooks : {tokens / t_ours:10,.0f} tok/s  ({args.steps} steps, {t_ours:.2f}s)")
-    py = find_sparsify_python()
+    py = find_sparsify_python(args.sparsify_python)
     if py is None:
         print("sparsify venv not found (.venv-ref-sparsify / .venv-bench-sparsify); no comparison")
         return
@@ -141,7 +167,7 @@ def main() -> None:
     t_sp = json.loads(lines[-1][7:])["seconds"]
     print(f"sparsify  : {tokens / t_sp:10,.0f} tok/s  ({args.steps} steps, {t_sp:.2f}s)")
     print(f"ratio (sae-hooks / sparsify): {t_sp / t_ours:.2f}x   "
-          f"[d_model {AutoConfig.from_pretrained(args.model).n_embd}, d_sae {args.d_sae}, k {args.k}, "
+          f"[d_model {AutoConfig.from_pretrained(args.model).n_embd}, layer {args.layer}, d_sae {args.d_sae}, k {args.k}, "
           f"{args.seqs}x{args.seq_len} tokens/batch, device {args.device}]")
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..config import SAEConfig
 from ..errors import ShapeMismatchError
+from .kernels import sparse_decode_values
 
 @dataclass
 class SparseLatents:
@@ -164,13 +165,14 @@ class SAE(nn.Module):
         """Latents from pre-activations. Implemented by each architecture."""
         raise NotImplementedError
 
-    def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[Tensor | SparseLatents, Tensor]:
+    def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[Tensor | SparseLatents, Tensor | None]:
         """The encoder on an already normalised input ``(..., d_in)``: ``(latents, pre-activations)``.
 
         One encoder for inference and training: with ``training=True`` an architecture returns the same
         latents with the gradients its loss needs (straight-through thresholds, sparse backward, the
         batch-level top-k of BatchTopK). Latents are dense ``(..., d_sae)`` or :class:`SparseLatents`;
-        pre-activations are ``(..., d_sae)`` (the gate's for Gated).
+        pre-activations are ``(..., d_sae)`` (the gate's for Gated), or ``None`` where the training
+        encoder never forms them (TopK's blocked selection).
         """
         pre = self.pre_acts(x)
         return self.activate(pre), pre
@@ -255,13 +257,9 @@ def _native_io(what: str) -> Any:
 
 
 def sparse_decode(latents: SparseLatents, W_dec: Tensor) -> Tensor:
-    """``dense(latents) @ W_dec`` by gathering ``k`` rows per token (no ``(N, d_sae)`` matrix)."""
+    """``dense(latents) @ W_dec`` by gathering ``k`` rows per token (no ``(N, d_sae)`` matrix, also in
+    the backward: :class:`~.kernels.SparseDecode`)."""
     lead = latents.values.shape[:-1]
     k = latents.values.shape[-1]
-    out = F.embedding_bag(
-        latents.indices.reshape(-1, k),
-        W_dec,
-        per_sample_weights=latents.values.reshape(-1, k).to(W_dec.dtype),
-        mode="sum",
-    )
+    out = sparse_decode_values(latents.values.reshape(-1, k), latents.indices.reshape(-1, k), W_dec)
     return out.reshape(*lead, W_dec.shape[-1])

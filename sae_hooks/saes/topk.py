@@ -5,9 +5,11 @@ Latents stay sparse (values + indices) and decode by gathering ``k`` decoder row
 Training (OpenAI's convention): ``mse_scale · mean ||y − y_hat||²`` with ``mse_scale = 1 / mean ||y −
 mean y||²`` fixed from the first batches (≈ FVU), plus ``aux_coefficient · AuxK`` (:func:`~.training.auxk_nmse`
 of :func:`~.training.dead_reconstruction` against the detached residual; ``aux_k = min(256, n_dead)``,
-coefficient 1/32). The training encoder is sparse: the top-k is chosen on no-grad dense pre-activations
-and the chosen values go through a gather with a sparse backward (:class:`~.kernels.GatherEncode`), so no
-``(N, d_sae)`` gradient is formed. Unit-norm decoder rows.
+coefficient 1/32). The training encoder is sparse: the top-k is chosen block by block on no-grad
+pre-activations (:func:`~.kernels.topk_select`, at most one ``(rows, d_sae)`` block at a time), the chosen
+values go through a gather with a sparse backward (:class:`~.kernels.GatherEncode`) and the decode has a
+sparse backward too (:class:`~.kernels.SparseDecode`): no ``(N, d_sae)`` tensor or gradient is formed.
+Unit-norm decoder rows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 from ..config import SAEConfig
 from ..errors import ConfigError
 from .base import SAE, SparseLatents
-from .kernels import gather_encode
+from .kernels import gather_encode, topk_select
 from .registry import register_sae_class
 from .training import AuxKSettings, LossOutput, StepContext, TrainingSpec, auxk_nmse, dead_reconstruction, encoder_input, reconstruction_loss
 
@@ -41,22 +43,21 @@ class TopKSAE(SAE):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return SparseLatents(torch.relu(values), indices, self.cfg.d_sae)
 
-    def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[SparseLatents, Tensor]:
+    def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[SparseLatents, Tensor | None]:
         if not training:
             pre = self.pre_acts(x)
             return self.activate(pre), pre
         x_in = encoder_input(self, x)
         b_enc = self.b_enc if self.has_encoder_bias else None
-        with torch.no_grad():
-            pre = x_in @ self.W_enc
-            if b_enc is not None:
-                pre = pre + b_enc
-            values, idx = pre.topk(self.k, dim=-1, sorted=False)
-        acts = torch.relu(gather_encode(x_in, self.W_enc, b_enc, idx, values))
-        return SparseLatents(acts, idx, self.cfg.d_sae, pre=pre), pre
+        # Blocked: one (rows, d_sae) pre-activation block at a time. The pre-activations ride along
+        # (for AuxK) only when they fit in one block; otherwise AuxK recomputes the dead latents'
+        # columns only (training.dead_reconstruction).
+        sel = topk_select(x_in.detach(), self.W_enc, b_enc, self.k, keep_pre=True)
+        acts = torch.relu(gather_encode(x_in, self.W_enc, b_enc, sel.indices, sel.values))
+        return SparseLatents(acts, sel.indices, self.cfg.d_sae, pre=sel.pre), sel.pre
 
 
-def auxk_term(sae: SAE, x: Tensor, pre: Tensor, residual: Tensor, settings: AuxKSettings, ctx: StepContext) -> Tensor | None:
+def auxk_term(sae: SAE, x: Tensor, pre: Tensor | None, residual: Tensor, settings: AuxKSettings, ctx: StepContext) -> Tensor | None:
     """``aux_coefficient · AuxK`` in OpenAI's normalisation, or ``None`` (no dead latent / disabled)."""
     if not settings.aux_coefficient:
         return None

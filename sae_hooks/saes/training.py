@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, did_you_mean
 from .base import SAE, SparseLatents, sparse_decode
-from .kernels import gather_encode
+from .kernels import gather_encode, normalize_rows_, remove_parallel_component_, topk_select
 
 
 # Settings -----------------------------------------------------------------------------------------
@@ -180,19 +180,27 @@ def fired_and_l0(latents: Tensor | SparseLatents, d_sae: int, eps: float = 0.0) 
         return active.reshape(-1, d_sae).any(0), active.sum(-1).float().mean()
 
 
-def dead_reconstruction(sae: SAE, x_in: Tensor, pre: Tensor, dead: Tensor | None, aux_k: int) -> Tensor | None:
+def dead_reconstruction(sae: SAE, x_in: Tensor, pre: Tensor | None, dead: Tensor | None, aux_k: int) -> Tensor | None:
     """AuxK's reconstruction from the dead latents: ``decode(ReLU(top-aux_k of the dead latents'
     pre-activations))`` without ``b_dec``, ``(N, d_out)``; ``None`` when no latent is dead.
 
-    ``x_in (N, d_in)`` is the encoder input, ``pre (N, d_sae)`` the (detached) pre-activations."""
+    ``x_in (N, d_in)`` is the encoder input, ``pre (N, d_sae)`` the (detached) pre-activations, or
+    ``None`` when the encoder did not keep them (TopK's blocked training encoder): the dead latents'
+    pre-activations are then computed for those columns only, block by block
+    (:func:`~.kernels.topk_select`), at ``n_dead / d_sae`` of the encoder's cost."""
     if dead is None:
         return None
     k_aux = min(aux_k, int(dead.sum()))
     if k_aux == 0:
         return None
-    with torch.no_grad():
-        values, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
     b_enc = sae.b_enc if sae.has_encoder_bias else None
+    if pre is None:
+        cols = dead.nonzero().squeeze(1)
+        sel = topk_select(x_in.detach(), sae.W_enc.T[cols].T, None if b_enc is None else b_enc[cols], k_aux)
+        values, idx = sel.values, cols[sel.indices]
+    else:
+        with torch.no_grad():
+            values, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
     acts = torch.relu(gather_encode(x_in, sae.W_enc, b_enc, idx, values))
     return sparse_decode(SparseLatents(acts, idx, sae.cfg.d_sae), sae.W_dec)
 
@@ -205,16 +213,14 @@ def auxk_nmse(recon: Tensor, residual: Tensor, aux_denom: Callable[[Tensor], Ten
 
 def remove_parallel_grad(W: Tensor) -> None:
     """Remove from ``W.grad`` its component parallel to each row of ``W`` (in place)."""
-    if W.grad is None:
-        return
-    unit = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    W.grad.sub_((W.grad * unit).sum(-1, keepdim=True) * unit)
+    if W.grad is not None:
+        remove_parallel_component_(W.grad, W.detach())  # no full-size temporary
 
 
 @torch.no_grad()
 def unit_norm_rows_(W: Tensor) -> None:
     """Rescale every row of ``W`` to unit norm (in place)."""
-    W.div_(W.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    normalize_rows_(W)
 
 
 def reconstruction_loss(

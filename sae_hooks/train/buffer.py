@@ -67,9 +67,24 @@ class ShuffleBuffer:
             n += chunk[self.sites[0]].shape[0]
         if not parts:
             return
-        cat = {s: torch.cat([p[s] for p in parts]) if len(parts) > 1 else parts[0][s] for s in self.sites}
+        # One pass per site: every row (kept or new) is written once to its place in a fresh buffer
+        # (no concatenation first: half the memory traffic of cat + gather). The order is exactly
+        # ``cat(parts)[perm]``: row j goes to where perm puts it, ``inverse(perm)[j]``.
         perm = torch.randperm(n, generator=self.generator)
-        self.rows = {s: t[perm.to(t.device)] for s, t in cat.items()}
+        pos = torch.empty_like(perm)
+        pos[perm] = torch.arange(n)
+        rows = {}
+        for s in self.sites:
+            first = parts[0][s]
+            out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+            where = pos.to(first.device)
+            a = 0
+            for p in parts:
+                t = p[s]
+                out.index_copy_(0, where[a : a + t.shape[0]], t.to(out.device, out.dtype))
+                a += t.shape[0]
+            rows[s] = out
+        self.rows = rows
 
     def next_batch(self) -> dict[str, Tensor] | None:
         """``{site: (batch_tokens, d)}`` or ``None`` when the source and the buffer are empty."""

@@ -193,7 +193,7 @@ class GradSync:
         i = 0
         for p in params:
             n = p.numel()
-            p.grad = buf[i : i + n].view_as(p).clone()
+            p.grad = torch.empty_like(p).copy_(buf[i : i + n].view_as(p))  # the parameter's strides (fused Adam)
             i += n
         for p, g in zip(params, (buf[i : i + len(params)] > 0).tolist()):
             if not g:

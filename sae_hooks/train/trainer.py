@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..saes.base import SAE
+from ..saes.kernels import latent_major_, match_state_layout
 from ..saes.training import ArchSettings, LossOutput, StepContext, remove_parallel_grad, unit_norm_rows_
 from . import checkpoint as _ckpt
 from .objectives import Objective, make_objective
@@ -54,7 +56,20 @@ def register_optimizer(name: str, factory: Callable[..., torch.optim.Optimizer],
     OPTIMIZERS[name] = factory
 
 
-register_optimizer("adam", lambda params, s: torch.optim.Adam(params, lr=1.0, betas=s.betas, eps=s.eps))
+def adam_impl(params: list[Tensor]) -> dict[str, bool]:
+    """``{"fused": True}`` when torch's fused Adam applies (floating CPU/CUDA parameters stored densely):
+    one pass over each tensor, no full-size temporaries (12x faster than the default per-tensor loop
+    on CPU at d_sae 32k). The fused kernel pairs elements by memory order, so the optimiser state must
+    have the parameter's strides: :func:`~sae_hooks.saes.kernels.match_state_layout` (a
+    ``load_state_dict`` post-hook) restores them after a checkpoint, which stores state contiguous."""
+    ok = bool(params) and all(
+        p.is_floating_point() and (p.is_contiguous() or p.T.is_contiguous()) and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
+    return {"fused": True} if ok else {}
+
+
+register_optimizer("adam", lambda params, s: torch.optim.Adam(params, lr=1.0, betas=s.betas, eps=s.eps, **adam_impl(params)))
 
 
 # Settings -----------------------------------------------------------------------------------------
@@ -226,8 +241,12 @@ class TrainEntry:
         if init_weights:
             objective.init_weights(s, self.unit_norm, self.arch_settings)
         self.base_lr = s.lr if s.lr is not None else 2e-4 / math.sqrt(objective.n_latents / 2**14)
+        module = objective.module
+        if isinstance(module, SAE) and module.cfg.architecture == "topk":
+            latent_major_(module.W_enc)  # its sparse gradient is latent-major: no transposing copy (saes/kernels.py)
         self.params = [p for p in objective.module.parameters() if p.requires_grad]
         self.optimizer = OPTIMIZERS[s.optimizer](self.params, s)
+        self.optimizer.register_load_state_dict_post_hook(match_state_layout)
 
     # Views ---------------------------------------------------------------------------------------
 
