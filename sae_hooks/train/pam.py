@@ -1,0 +1,303 @@
+"""PAM-SGD (Budd et al. 2025, "SplInterp", arXiv 2505.11836): alternate a closed-form decoder step and
+SGD steps on the encoder alone.
+
+* **Decoder step** (encoder frozen): with codes ``Z (N, d_sae)`` of inputs ``X (N, d)``, solve the ridge
+  least squares ``W_dec = argmin ||Z W − X||² + r²||W||²`` (the paper's code stacks ``[Z; r·I] W = [X; 0]``
+  and calls ``lstsq``), then ``b_dec = mean(X − Z W_dec)`` (the intercept is not solved jointly, as in the
+  paper). With the paper's optional "stay close" terms, rows ``√α_w·I → 0`` and ``√μ_dec·I → √μ_dec·W_prev``
+  join the system and ``b_dec ← (b_dec + ν_dec·b_prev)/(1 + ν_dec)/(1 + β_b)``.
+* **Encoder step**: the architecture's loss with the decoder fixed, plus
+  ``μ_enc ||W_enc − W_enc,prev||²_F + ν_enc ||b_enc − b_enc,prev||²`` (prev = at the start of the round).
+
+The decoder step never needs the codes in memory: :class:`DecoderStats` accumulates the sufficient
+statistics ``ZᵀZ``, ``ZᵀX``, ``Σz``, ``Σx`` and ``N`` over streamed batches. The normal equations are
+``(ZᵀZ + λI) W = ZᵀX + μ_dec W_prev`` with ``λ = r² + α_w + μ_dec``. Two solvers:
+
+* ``"cholesky"``: ``ZᵀZ`` as a dense ``(d_sae, d_sae)`` float64 matrix, solved exactly by Cholesky. The
+  default when ``d_sae <= DENSE_MAX`` (4096: a 128 MiB matrix).
+* ``"cg"``: ``ZᵀZ`` accumulated as a **sparse** COO matrix (sparse codes: a token with ``k`` active latents
+  adds at most ``k²`` entries; never ``d_sae²`` dense), solved by Jacobi-preconditioned conjugate
+  gradient run on all ``d`` right-hand sides at once (each column its own step sizes), warm-started from
+  the current decoder. Only sparse-times-dense products are needed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, ShapeMismatchError
+from ..saes.base import SparseLatents
+
+DENSE_MAX = 4096
+SOLVERS = ("auto", "cholesky", "cg")
+
+
+class DecoderStats:
+    """Running ``ZᵀZ``, ``ZᵀX``, ``Σz``, ``Σx``, ``N`` for the ridge decoder solve (float64).
+
+    Args:
+        d_sae, d_out: code and target widths.
+        sparse: keep ``ZᵀZ`` as a sparse COO matrix (``None``: sparse iff ``d_sae > DENSE_MAX``).
+    """
+
+    def __init__(self, d_sae: int, d_out: int, sparse: bool | None = None, device: torch.device | str = "cpu"):
+        self.d_sae, self.d_out = d_sae, d_out
+        self.sparse = d_sae > DENSE_MAX if sparse is None else sparse
+        self.device = torch.device(device)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.ZtX = torch.zeros(d_sae, d_out, **f64)
+        self.z_sum = torch.zeros(d_sae, **f64)
+        self.x_sum = torch.zeros(d_out, **f64)
+        self.n = 0
+        self._ZtZ_dense = None if self.sparse else torch.zeros(d_sae, d_sae, **f64)
+        self._ZtZ_parts: list[Tensor] = []  # sparse batches, merged lazily
+        self._pending = 0
+
+    def reset(self) -> None:
+        self.__init__(self.d_sae, self.d_out, self.sparse, self.device)  # type: ignore[misc]
+
+    @torch.no_grad()
+    def add(self, z: Tensor | SparseLatents, x: Tensor) -> None:
+        """Add a batch: codes ``z`` (``(N, d_sae)`` dense, or sparse latents ``(N, k)``) and targets ``x (N, d_out)``."""
+        x = x.reshape(-1, x.shape[-1]).to(self.device, torch.float64)
+        if x.shape[-1] != self.d_out:
+            raise ShapeMismatchError(f"DecoderStats expects targets (N, {self.d_out}), got {tuple(x.shape)}")
+        if isinstance(z, SparseLatents):
+            v = z.values.reshape(-1, z.values.shape[-1]).to(self.device, torch.float64)
+            idx = z.indices.reshape(-1, z.indices.shape[-1]).to(self.device)
+            rows = torch.arange(v.shape[0], device=self.device).repeat_interleave(v.shape[1])
+            keep = v.reshape(-1) != 0
+            n_rows = v.shape[0]
+            coo = torch.sparse_coo_tensor(
+                torch.stack([rows[keep], idx.reshape(-1)[keep]]), v.reshape(-1)[keep], (n_rows, self.d_sae),
+                check_invariants=False,
+            ).coalesce()
+            zd = None
+        else:
+            zd = z.reshape(-1, z.shape[-1]).to(self.device, torch.float64)
+            if zd.shape[-1] != self.d_sae:
+                raise ShapeMismatchError(f"DecoderStats expects codes (N, {self.d_sae}), got {tuple(zd.shape)}")
+            n_rows = zd.shape[0]
+            coo = zd.to_sparse() if self.sparse else None
+        if n_rows != x.shape[0]:
+            raise ShapeMismatchError(f"codes have {n_rows} rows but targets {x.shape[0]}")
+        if coo is None:
+            assert zd is not None
+            self._ZtZ_dense += zd.T @ zd  # type: ignore[operator]
+            self.ZtX += zd.T @ x
+            self.z_sum += zd.sum(0)
+        else:
+            zt = coo.t().coalesce()
+            self.ZtX += torch.sparse.mm(zt, x)
+            self.z_sum += torch.sparse.sum(zt, dim=1).to_dense()
+            with warnings.catch_warnings():  # torch warns that its internal CSR path is "beta"
+                warnings.simplefilter("ignore", UserWarning)
+                gram = torch.sparse.mm(zt, coo)
+            if self.sparse:
+                self._ZtZ_parts.append(gram.coalesce())
+                self._pending += gram._nnz()
+                if len(self._ZtZ_parts) > 1 and self._pending > 4 * self._ZtZ_parts[0]._nnz():
+                    self._merge()
+            else:
+                self._ZtZ_dense += gram.to_dense()  # type: ignore[operator]
+        self.x_sum += x.sum(0)
+        self.n += x.shape[0]
+
+    def _merge(self) -> None:
+        if len(self._ZtZ_parts) > 1:
+            total = self._ZtZ_parts[0]
+            for part in self._ZtZ_parts[1:]:
+                total = total + part
+            self._ZtZ_parts = [total.coalesce()]
+        self._pending = 0
+
+    @property
+    def gram(self) -> Tensor:
+        """``ZᵀZ``: dense ``(d_sae, d_sae)``, or a coalesced sparse COO matrix in sparse mode."""
+        if not self.sparse:
+            return self._ZtZ_dense  # type: ignore[return-value]
+        self._merge()
+        if not self._ZtZ_parts:
+            return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
+                                           (self.d_sae, self.d_sae), device=self.device).coalesce()
+        return self._ZtZ_parts[0]
+
+    def merge_from(self, other: DecoderStats) -> None:
+        """Add another accumulator's statistics (e.g. from another rank after an all-reduce)."""
+        self.ZtX += other.ZtX
+        self.z_sum += other.z_sum
+        self.x_sum += other.x_sum
+        self.n += other.n
+        if self.sparse:
+            self._ZtZ_parts.append(other.gram)
+            self._merge()
+        else:
+            g = other.gram
+            self._ZtZ_dense += g.to_dense() if g.is_sparse else g  # type: ignore[operator]
+
+    def solve(
+        self,
+        decoder_reg: float = 1e-5,
+        *,
+        alpha_w: float = 0.0,
+        mu_dec: float = 0.0,
+        W_prev: Tensor | None = None,
+        solver: str = "auto",
+        tol: float = 1e-10,
+        max_iter: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(W_dec (d_sae, d_out), b_dec (d_out))`` in float64.
+
+        ``W = argmin ||ZW − X||² + r²||W||² + α_w||W||² + μ_dec||W − W_prev||²`` with ``r = decoder_reg``
+        (the paper's ``DECODER_REG``, the coefficient of the stacked identity rows), then
+        ``b = (Σx − (Σz) W) / N``. ``solver="cg"`` stops when every column's residual norm is below
+        ``tol`` times its right-hand side's norm (or after ``max_iter``, default ``d_sae``, iterations).
+        """
+        if solver not in SOLVERS:
+            raise ConfigError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if self.n == 0:
+            raise ConfigError("DecoderStats.solve: no batches were added")
+        lam = decoder_reg**2 + alpha_w + mu_dec
+        rhs = self.ZtX
+        if mu_dec:
+            if W_prev is None:
+                raise ConfigError("mu_dec > 0 needs W_prev (the decoder before this step)")
+            rhs = rhs + mu_dec * W_prev.to(rhs)
+        if solver == "auto":
+            solver = "cg" if self.sparse else "cholesky"
+        if solver == "cholesky":
+            g = self.gram
+            A = (g.to_dense() if g.is_sparse else g).clone()
+            A.diagonal().add_(lam)
+            if lam == 0:
+                W = torch.linalg.lstsq(A, rhs).solution
+            else:
+                L, info = torch.linalg.cholesky_ex(A)
+                W = torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
+        else:
+            W = conjugate_gradient(self.gram, lam, rhs, x0=W_prev, tol=tol, max_iter=max_iter or self.d_sae)
+        b = (self.x_sum - self.z_sum @ W) / self.n
+        return W, b
+
+
+def _gram_matvec(gram: Tensor, lam: float, V: Tensor) -> Tensor:
+    out = torch.sparse.mm(gram, V) if gram.is_sparse else gram @ V
+    return out + lam * V
+
+
+@torch.no_grad()
+def conjugate_gradient(
+    gram: Tensor, lam: float, rhs: Tensor, x0: Tensor | None = None, tol: float = 1e-10, max_iter: int = 1000,
+) -> Tensor:
+    """Solve ``(gram + lam·I) W = rhs`` column by column (all columns at once) by Jacobi-preconditioned CG.
+
+    ``gram`` may be sparse (COO) or dense, symmetric positive semi-definite; ``lam > 0`` makes the system
+    positive definite. Latents that never fired have a zero row/column: CG leaves their rows of ``W`` at
+    ``rhs/lam`` = 0 (no ``μ_dec``), as the exact solution does.
+    """
+    diag = (gram.to_dense().diagonal() if not gram.is_sparse else _sparse_diag(gram)) + lam
+    inv_diag = 1.0 / diag.clamp_min(1e-300)
+    W = torch.zeros_like(rhs) if x0 is None else x0.to(rhs).clone()
+    R = rhs - _gram_matvec(gram, lam, W)
+    Zp = inv_diag[:, None] * R
+    P = Zp.clone()
+    rz = (R * Zp).sum(0)
+    target = tol * rhs.norm(dim=0).clamp_min(1e-300)
+    for _ in range(max_iter):
+        if bool((R.norm(dim=0) <= target).all()):
+            break
+        AP = _gram_matvec(gram, lam, P)
+        alpha = rz / (P * AP).sum(0).clamp_min(1e-300)
+        W += alpha * P
+        R -= alpha * AP
+        Zp = inv_diag[:, None] * R
+        rz_new = (R * Zp).sum(0)
+        P = Zp + (rz_new / rz.clamp_min(1e-300)) * P
+        rz = rz_new
+    return W
+
+
+def _sparse_diag(g: Tensor) -> Tensor:
+    g = g.coalesce()
+    i, j = g.indices()
+    on = i == j
+    out = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+    return out.index_add_(0, i[on], g.values()[on])
+
+
+@dataclass
+class PAMSettings:
+    """PAM-SGD hyper-parameters (names and defaults of the paper's LLM script, ``exp_e3``).
+
+    Attributes:
+        round_steps: encoder SGD steps between two decoder steps (the paper: one epoch).
+        decoder_reg: ``r`` of the stacked ridge rows ``r·I`` (``DECODER_REG`` = 1e-5).
+        mu_enc, nu_enc: encoder "stay close" weights on ``||W_enc − W_prev||²_F`` / ``||b_enc − b_prev||²``.
+        decoder_stay_close: enable ``alpha_w``, ``mu_dec``, ``nu_dec``, ``beta_b`` (off in the paper's runs).
+        solver: ``auto`` | ``cholesky`` | ``cg`` (see the module docstring).
+        sparse_stats: accumulate ``ZᵀZ`` sparsely (``None``: iff ``d_sae > 4096``).
+    """
+
+    round_steps: int = 50
+    decoder_reg: float = 1e-5
+    mu_enc: float = 1e-3
+    nu_enc: float = 1e-3
+    decoder_stay_close: bool = False
+    mu_dec: float = 1e-3
+    nu_dec: float = 1e-3
+    alpha_w: float = 1e-6
+    beta_b: float = 1e-6
+    solver: str = "auto"
+    sparse_stats: bool | None = None
+    cg_tol: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.round_steps < 1:
+            raise ConfigError(f"PAM-SGD round_steps must be >= 1, got {self.round_steps}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"PAM-SGD solver must be one of {SOLVERS}, got {self.solver!r}")
+
+
+@torch.no_grad()
+def decoder_step(sae, stats: DecoderStats, settings: PAMSettings) -> None:  # noqa: ANN001 - an SAE
+    """Replace ``sae.W_dec``/``sae.b_dec`` by the ridge solution from ``stats`` (in the SAE's dtype)."""
+    s = settings
+    W_prev = sae.W_dec.detach().double()
+    b_prev = sae.b_dec.detach().double()
+    close = s.decoder_stay_close
+    W, b = stats.solve(
+        s.decoder_reg, alpha_w=s.alpha_w if close else 0.0, mu_dec=s.mu_dec if close else 0.0,
+        W_prev=W_prev if (close or stats.sparse) else None, solver=s.solver, tol=s.cg_tol,
+    )
+    if close:
+        b = (b + s.nu_dec * b_prev) / (1 + s.nu_dec) / (1 + s.beta_b)
+    sae.W_dec.copy_(W.to(sae.W_dec.dtype))
+    sae.b_dec.copy_(b.to(sae.b_dec.dtype))
+
+
+def encoder_parameters(sae) -> list[Tensor]:  # noqa: ANN001
+    """The parameters PAM-SGD trains by SGD: everything but ``W_dec`` and ``b_dec``."""
+    return [p for n, p in sae.named_parameters() if n not in ("W_dec", "b_dec") and p.requires_grad]
+
+
+def proximal_penalty(sae, prev: dict[str, Tensor], settings: PAMSettings) -> Tensor:  # noqa: ANN001
+    """``μ_enc ||W_enc − prev||²_F + ν_enc ||b_enc − prev||²`` (0 before the first round)."""
+    out = sae.W_enc.new_zeros(())
+    if not prev:
+        return out
+    if settings.mu_enc:
+        out = out + settings.mu_enc * (sae.W_enc - prev["W_enc"]).pow(2).sum()
+    if settings.nu_enc and "b_enc" in prev:
+        out = out + settings.nu_enc * (sae.b_enc - prev["b_enc"]).pow(2).sum()
+    return out
+
+
+def snapshot_encoder(sae) -> dict[str, Tensor]:  # noqa: ANN001
+    out = {"W_enc": sae.W_enc.detach().clone()}
+    if getattr(sae, "has_encoder_bias", True) and hasattr(sae, "b_enc"):
+        out["b_enc"] = sae.b_enc.detach().clone()
+    return out
