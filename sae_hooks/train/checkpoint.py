@@ -69,6 +69,10 @@ def save_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = Non
         opt_meta, opt_tensors = _optimizer_split(e.optimizer, f"opt.{e.name}")
         tensors.update(opt_tensors)
         tensors[f"dead.{e.name}"] = e.tokens_since_fired.cpu()
+        pam_meta = None
+        if getattr(e, "pam", None) is not None:
+            pam_meta, pam_tensors = e.pam.state_dict()
+            tensors.update({f"pam.{e.name}.{k}": v for k, v in pam_tensors.items()})
         entries[e.name] = {
             "site": e.site,
             "site_out": e.site_out,
@@ -76,6 +80,7 @@ def save_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = Non
             "state": vars(e.state),
             "sae_cfg": e.sae.cfg.to_dict(),
             "optimizer": opt_meta,
+            **({"pam": pam_meta} if pam_meta is not None else {}),
         }
     meta: dict[str, Any] = {
         "version": VERSION,
@@ -122,6 +127,11 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = Non
         e.sae.load_state_dict(state)
         e.optimizer.load_state_dict(_optimizer_join(em["optimizer"], tensors, f"opt.{e.name}", e.sae.device))
         e.tokens_since_fired = tensors[f"dead.{e.name}"].to(e.sae.device)
+        if getattr(e, "pam", None) is not None:
+            if "pam" not in em:
+                raise ConfigError(f"{path}: entry {e.name!r} trains with PAM-SGD but the checkpoint has no PAM state")
+            p = f"pam.{e.name}."
+            e.pam.load_state_dict(em["pam"], {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
     trainer.step_count = int(meta["step"])
     trainer.tokens_seen = int(meta["tokens_seen"])
     torch.set_rng_state(tensors["rng.torch"])

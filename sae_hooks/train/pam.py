@@ -123,7 +123,8 @@ class DecoderStats:
         self._merge()
         if not self._ZtZ_parts:
             return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
-                                           (self.d_sae, self.d_sae), device=self.device).coalesce()
+                                           (self.d_sae, self.d_sae), device=self.device,
+                                           check_invariants=False).coalesce()
         return self._ZtZ_parts[0]
 
     def merge_from(self, other: DecoderStats) -> None:
@@ -301,3 +302,128 @@ def snapshot_encoder(sae) -> dict[str, Tensor]:  # noqa: ANN001
     if getattr(sae, "has_encoder_bias", True) and hasattr(sae, "b_enc"):
         out["b_enc"] = sae.b_enc.detach().clone()
     return out
+
+
+class PAMState:
+    """PAM-SGD for one SAE in the streaming trainer: the encoder optimiser, the round's decoder statistics,
+    the encoder at the start of the round (for the proximal terms) and the position in the round.
+
+    Each step: (1) the batch's codes under the current encoder are added to the statistics, (2) the encoder
+    takes ``sgd_updates`` Adam steps on the architecture's loss + the proximal terms, decoder fixed. After
+    ``round_steps`` steps the decoder is solved from the round's statistics and a new round starts. The
+    first batch also gets an immediate decoder solve, so the encoder never trains against a random decoder.
+    (The paper's epoch loop computes the round's codes with the encoder frozen; a live stream cannot be
+    replayed, so here each batch's codes come from the encoder as it was when the batch arrived —
+    :func:`pam_fit` follows the paper exactly for in-memory data.)
+    """
+
+    def __init__(self, sae, settings: PAMSettings, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:  # noqa: ANN001
+        self.sae, self.settings = sae, settings
+        self.optimizer = torch.optim.Adam(encoder_parameters(sae), lr=lr, betas=tuple(betas), eps=eps)
+        self.stats = self._new_stats()
+        self.prev: dict[str, Tensor] = {}
+        self.step_in_round = 0
+        self.decoder_steps = 0
+
+    def _new_stats(self) -> DecoderStats:
+        cfg = self.sae.cfg
+        return DecoderStats(cfg.d_sae, cfg.output_dim, sparse=self.settings.sparse_stats, device=self.sae.device)
+
+    @torch.no_grad()
+    def observe(self, codes: Tensor | SparseLatents, target: Tensor) -> None:
+        """Add one batch's codes and reconstruction targets (normalised coordinates) to the round."""
+        self.stats.add(codes, target)
+        if self.decoder_steps == 0:  # the very first batch: an immediate decoder solve
+            self.solve()
+            self.stats.add(codes, target)
+
+    def solve(self) -> None:
+        decoder_step(self.sae, self.stats, self.settings)
+        self.stats = self._new_stats()
+        self.prev = snapshot_encoder(self.sae)
+        self.decoder_steps += 1
+        self.step_in_round = 0
+
+    def end_step(self) -> None:
+        self.step_in_round += 1
+        if self.step_in_round >= self.settings.round_steps:
+            self.solve()
+
+    # Checkpoints ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict, dict[str, Tensor]]:
+        s = self.stats
+        g = s.gram
+        tensors = {"ZtX": s.ZtX, "z_sum": s.z_sum, "x_sum": s.x_sum}
+        if g.is_sparse:
+            tensors["gram_indices"], tensors["gram_values"] = g.indices(), g.values()
+        else:
+            tensors["gram"] = g
+        tensors.update({f"prev.{k}": v for k, v in self.prev.items()})
+        # (the encoder optimiser is checkpointed by the trainer, which holds it as the entry's optimizer)
+        meta = {"n": s.n, "sparse": s.sparse, "step_in_round": self.step_in_round, "decoder_steps": self.decoder_steps}
+        return meta, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+    def load_state_dict(self, meta: dict, tensors: dict[str, Tensor]) -> None:
+        dev = self.sae.device
+        s = DecoderStats(self.sae.cfg.d_sae, self.sae.cfg.output_dim, sparse=meta["sparse"], device=dev)
+        s.ZtX, s.z_sum, s.x_sum = (tensors[k].to(dev) for k in ("ZtX", "z_sum", "x_sum"))
+        s.n = int(meta["n"])
+        if s.sparse:
+            if tensors["gram_values"].numel():
+                s._ZtZ_parts = [torch.sparse_coo_tensor(tensors["gram_indices"].to(dev), tensors["gram_values"].to(dev),
+                                                        (s.d_sae, s.d_sae), check_invariants=True).coalesce()]
+        else:
+            s._ZtZ_dense = tensors["gram"].to(dev)
+        self.stats = s
+        self.prev = {k[len("prev."):]: v.to(dev) for k, v in tensors.items() if k.startswith("prev.")}
+        self.step_in_round = int(meta["step_in_round"])
+        self.decoder_steps = int(meta["decoder_steps"])
+
+
+def pam_fit(
+    sae,  # noqa: ANN001 - an SAE
+    x: Tensor,
+    loss_fn,  # noqa: ANN001 - (sae, x_batch) -> scalar Tensor, the encoder's objective
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    settings: PAMSettings | None = None,
+    decoder_batch: int = 2048,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    on_epoch=None,  # noqa: ANN001 - callback(epoch, sae)
+):  # noqa: ANN201
+    """PAM-SGD on an in-memory data set ``x (N, d_in)``, epoch by epoch as the paper's ``train_em``:
+    a decoder step over the whole set (codes with the encoder frozen, statistics streamed in chunks of
+    ``decoder_batch``), then one pass of encoder minibatch steps (Adam, ``grad_clip`` on the encoder,
+    proximal terms towards the encoder of the start of the epoch). Returns ``sae``."""
+    s = settings or PAMSettings()
+    opt = torch.optim.Adam(encoder_parameters(sae), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    prev = snapshot_encoder(sae)
+    for epoch in range(epochs):
+        stats = DecoderStats(sae.cfg.d_sae, sae.cfg.output_dim, sparse=s.sparse_stats, device=sae.device)
+        with torch.no_grad():
+            for a in range(0, x.shape[0], decoder_batch):
+                chunk = x[a:a + decoder_batch]
+                codes, _ = sae.encode_with_state(chunk)
+                stats.add(codes, sae.normalize_input(sae.flatten_input(chunk).to(sae.dtype))[0])
+        decoder_step(sae, stats, s)
+        perm = torch.randperm(x.shape[0], generator=g)
+        for a in range(0, x.shape[0], batch_size):
+            xb = x[perm[a:a + batch_size]]
+            loss = loss_fn(sae, xb) + proximal_penalty(sae, prev, s)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            params = encoder_parameters(sae)
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            sae.W_dec.grad = None
+            sae.b_dec.grad = None
+        prev = snapshot_encoder(sae)
+        if on_epoch is not None:
+            on_epoch(epoch, sae)
+    return sae

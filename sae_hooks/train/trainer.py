@@ -30,10 +30,14 @@ from torch import Tensor
 from ..config import Site
 from ..errors import ConfigError, ShapeMismatchError
 from ..saes.base import SAE
-from . import losses
+from . import losses, method_losses
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 NORMALIZE_MODES = ("scale", "none")
+OPTIMIZERS = ("adam", "pam-sgd")
+TRAINABLE = ("relu", "topk", "batchtopk", "jumprelu", "gated", "signed_topk", "feature_choice", "mutual_choice", "matryoshka")
+UNIT_NORM_ARCHS = ("topk", "batchtopk", "jumprelu", "gated", "signed_topk", "feature_choice", "mutual_choice", "matryoshka")
+PAM_ARCHS = ("signed_topk", "topk", "relu")
 
 
 @dataclass
@@ -62,6 +66,14 @@ class TrainSettings:
             ``E||x||² = d_in``; stored as ``cfg.normalize="scale"`` during training and folded into the
             weights at :meth:`Trainer.save` when ``fold_normalization``.
         seed: initialises the weights.
+        optimizer: ``adam`` or ``pam-sgd`` (:mod:`.pam`: closed-form decoder steps every ``pam_round_steps``
+            steps, Adam on the encoder with the ``pam_mu_enc``/``pam_nu_enc`` proximal terms; for
+            ``signed_topk``, ``topk`` and ``relu``; no unit-norm decoder).
+        choice_aux: ``feature_choice``/``mutual_choice`` auxiliary loss, ``zipf`` (aux_zipf_loss) or ``k`` (AuxK).
+        zipf_alpha: Zipf exponent for ``aux_zipf_loss`` and Zipf capacities (``None``: fitted / 1.0).
+        feature_capacities: ``feature_choice`` capacities, ``uniform`` or ``zipf``.
+        density_lr: EMA rate of the feature densities of the choice SAEs.
+        matryoshka_weights: per-prefix loss weights (``None``: ``1/G`` each).
     """
 
     lr: float | None = None
@@ -86,9 +98,27 @@ class TrainSettings:
     normalize: str = "scale"
     fold_normalization: bool = True
     seed: int = 0
+    optimizer: str = "adam"
+    pam_round_steps: int = 50
+    pam_decoder_reg: float = 1e-5
+    pam_mu_enc: float = 1e-3
+    pam_nu_enc: float = 1e-3
+    pam_decoder_stay_close: bool = False
+    pam_solver: str = "auto"
+    choice_aux: str = "zipf"
+    zipf_alpha: float | None = None
+    feature_capacities: str = "uniform"
+    density_lr: float = 0.01
+    matryoshka_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.choice_aux not in ("zipf", "k"):
+            raise ConfigError(f"choice_aux must be 'zipf' or 'k', got {self.choice_aux!r}")
+        if self.feature_capacities not in ("uniform", "zipf"):
+            raise ConfigError(f"feature_capacities must be 'uniform' or 'zipf', got {self.feature_capacities!r}")
         if self.b_dec_init not in B_DEC_INITS:
             raise ConfigError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
         if self.normalize not in NORMALIZE_MODES:
@@ -170,8 +200,8 @@ class TrainEntry:
         self.sync: Any = None
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
         arch = sae.cfg.architecture
-        if arch not in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
-            raise ConfigError(f"training is implemented for relu, topk, batchtopk, jumprelu, gated; not {arch!r}")
+        if arch not in TRAINABLE:
+            raise ConfigError(f"training is implemented for {', '.join(TRAINABLE)}; not {arch!r}")
         self.transcoder = sae.cfg.is_transcoder or site_out is not None
         if self.transcoder:
             if site_out is None:
@@ -183,13 +213,28 @@ class TrainEntry:
             if sae.cfg.apply_b_dec_to_input:
                 raise ConfigError(f"entry {name!r}: apply_b_dec_to_input makes no sense for a transcoder")
         s = self.settings
-        self.unit_norm = s.unit_norm_decoder if s.unit_norm_decoder is not None else arch in ("topk", "batchtopk", "jumprelu", "gated")
+        pam = s.optimizer == "pam-sgd"
+        if pam and (arch not in PAM_ARCHS or sae.cfg.skip):
+            raise ConfigError(f"entry {name!r}: PAM-SGD is implemented for {', '.join(PAM_ARCHS)} without a skip path, not {arch!r}")
+        default_unit = arch in UNIT_NORM_ARCHS and not pam  # PAM's closed-form decoder is unconstrained
+        self.unit_norm = s.unit_norm_decoder if s.unit_norm_decoder is not None else default_unit
         if init_weights:
             self._init_weights()
         lr = s.lr if s.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
         self.base_lr = lr
-        params = [p for p in sae.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=lr, betas=s.betas, eps=s.eps)
+        self.pam = None
+        if pam:
+            from .pam import PAMSettings, PAMState
+
+            pam_settings = PAMSettings(
+                round_steps=s.pam_round_steps, decoder_reg=s.pam_decoder_reg, mu_enc=s.pam_mu_enc, nu_enc=s.pam_nu_enc,
+                decoder_stay_close=s.pam_decoder_stay_close, solver=s.pam_solver,
+            )
+            self.pam = PAMState(sae, pam_settings, lr, s.betas, s.eps)
+            self.optimizer = self.pam.optimizer
+        else:
+            params = [p for p in sae.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.Adam(params, lr=lr, betas=s.betas, eps=s.eps)
         if not sae.cfg.sites:
             kind = "hook" if site.rsplit(".", 1)[-1].startswith("hook_") else "module"
             fields = {kind: site}
@@ -301,6 +346,19 @@ class TrainEntry:
         if arch == "jumprelu":
             return losses.jumprelu_loss(sae, xn, s.l0_coefficient * sp, s.bandwidth, target=yn)
         denom = self.sync.aux_denom if self.sync is not None else None
+        if arch == "signed_topk":
+            return method_losses.signed_topk_loss(sae, xn, self.state.mse_scale, target=yn)
+        if arch in ("feature_choice", "mutual_choice"):
+            return method_losses.choice_loss(
+                sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, s.threshold_lr, step == 0,
+                aux=s.choice_aux, zipf_alpha=s.zipf_alpha, capacities=s.feature_capacities, density_lr=s.density_lr,
+                aux_denom=denom, target=yn,
+            )
+        if arch == "matryoshka":
+            return method_losses.matryoshka_loss(
+                sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, s.threshold_lr, step == 0,
+                prefix_weights=s.matryoshka_weights, aux_denom=denom, target=yn,
+            )
         if arch == "topk":
             return losses.topk_loss(sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, aux_denom=denom, target=yn)
         return losses.batchtopk_loss(
@@ -337,9 +395,16 @@ class TrainEntry:
         xn, yn, goal = self._normalise(x, target)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.state.step)
+        if self.pam is not None:
+            with torch.no_grad():
+                self.pam.observe(sae.activate(sae.pre_acts(xn)), goal)
         ctx = torch.autocast(sae.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         with ctx:
             out = self.loss(xn, yn)
+            if self.pam is not None:
+                from .pam import proximal_penalty
+
+                out.loss = out.loss + proximal_penalty(sae, self.pam.prev, self.pam.settings)
         finite = bool(torch.isfinite(out.loss))
         if self.sync is not None:
             finite = self.sync.all_true(finite)
@@ -352,9 +417,13 @@ class TrainEntry:
             self.sync.after_backward(sae)
         if self.unit_norm:
             _remove_parallel_grad(sae)
+        if self.pam is not None:
+            sae.W_dec.grad = sae.b_dec.grad = None  # the decoder is solved in closed form, never by SGD
         if self.settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.settings.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in sae.parameters() if p.grad is not None], self.settings.grad_clip)
         self.optimizer.step()
+        if self.pam is not None:
+            self.pam.end_step()
         with torch.no_grad():
             if self.unit_norm:
                 sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
