@@ -92,8 +92,9 @@ def test_saelens_training_checkpoint_loads_as_matryoshka():
     assert sae.cfg.architecture == "matryoshka" and sae.widths == [4, 8, 16]
     torch.testing.assert_close(sae.encode(golden["x"]), golden["latents"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sae(golden["x"]), golden["recon"], atol=1e-5, rtol=1e-5)
+    # the training selection (batch top-k of SAELens's decoder-norm-scaled activations) equals ours on the folded weights
+    torch.testing.assert_close(sae.batch_topk(sae.pre_acts(golden["x"])), golden["latents_batch_topk"], atol=1e-5, rtol=1e-5)
     for m in sae.widths:
-        if f"prefix_recon_{m}" in golden:
             torch.testing.assert_close(sae.decode_prefix(golden["latents"], m), golden[f"prefix_recon_{m}"], atol=1e-5, rtol=1e-5)
 
 

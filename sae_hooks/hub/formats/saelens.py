@@ -6,7 +6,7 @@ transcoders: transposed here to our ``(d_in, d_out)``).
 
 Numerics folded at load so that our plain forward pass reproduces SAELens's:
 
-* ``topk`` with ``rescale_acts_by_decoder_norm``: SAELens computes ``pre * ||W_dec[i]||`` and decodes
+* ``topk`` (and ``batchtopk``/``matryoshka_batchtopk`` training checkpoints) with ``rescale_acts_by_decoder_norm``: SAELens computes ``pre * ||W_dec[i]||`` and decodes
   ``acts / ||W_dec[i]||``; with ``n = ||W_dec[i]||`` we store ``W_enc * n``, ``b_enc * n``, ``W_dec / n``: the same
   latents and the same reconstruction, with no per-call norm.
 * ``normalize_activations``: ``none``; ``layer_norm`` -> our ``standardize`` (SAELens: ``(x - mean) / (std + 1e-5)``,
@@ -222,7 +222,7 @@ def convert_state(state: dict[str, torch.Tensor], cfg: SAEConfig, flags: dict[st
             state["threshold"] = state["threshold"][0].reshape(())
     if cfg.skip and "W_skip" in state:
         state["W_skip"] = t_(tensor(state, "W_skip", source, 2))  # SAELens (d_out, d_in) -> ours (d_in, d_out)
-    if flags.get("rescale_acts_by_decoder_norm") and cfg.architecture == "topk":
+    if flags.get("rescale_acts_by_decoder_norm") and cfg.architecture in ("topk", "batchtopk", "matryoshka"):
         W_dec = tensor(state, "W_dec", source, 2)
         n = W_dec.float().norm(dim=-1)
         safe = torch.where(n > 0, n, torch.ones_like(n))
