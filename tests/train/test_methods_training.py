@@ -28,9 +28,11 @@ def planted_batches(dictionary: torch.Tensor, n: int, batch: int, seed: int = 2)
         yield torch.zeros(batch, N_FEATURES).scatter(1, idx, mag) @ dictionary
 
 
-def mmcs(dictionary: torch.Tensor, W_dec: torch.Tensor) -> float:
+def mmcs(dictionary: torch.Tensor, W_dec: torch.Tensor, signed: bool = False) -> float:
+    """Mean max cosine similarity; ``signed``: |cos| (a signed-TopK latent may hold a feature with a negative code)."""
     W = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (dictionary @ W.T).max(-1).values.mean().item()
+    cos = dictionary @ W.T
+    return (cos.abs() if signed else cos).max(-1).values.mean().item()
 
 
 CASES = {
@@ -54,15 +56,18 @@ def test_planted_features_recovered(case: str) -> None:
     sae = make_sae(arch, D_IN, 128, **extra)
     entry = TrainEntry(case, "x", sae, settings)
     Trainer([entry]).fit(planted_batches(dictionary, 600, 256), max_steps=600)
-    score = mmcs(dictionary, sae.W_dec.detach())
+    signed = arch == "signed_topk"
+    score = mmcs(dictionary, sae.W_dec.detach(), signed)
     m = entry.state.metrics
-    print(f"{case}: MMCS {score:.4f}, metrics {m}")
-    assert score >= 0.9, f"{case} recovered planted features with MMCS {score:.3f} < 0.9"
-    assert m["fvu"] < 0.2
-    assert mmcs(dictionary, torch.randn(128, D_IN)) < 0.7
     final = entry.final_sae()
     x = next(planted_batches(dictionary, 1, 1024, seed=9))
     l0 = (final.encode(x) != 0).sum(-1).float().mean().item()
+    print(f"{case}: MMCS {score:.4f}, inference L0 {l0:.2f}, metrics {m}")
+    assert score >= 0.9, f"{case} recovered planted features with MMCS {score:.3f} < 0.9"
+    # Feature Choice makes every one of the 128 latents fire on its top tokens, though only 64 features exist:
+    # the budget spent on the spare latents costs reconstruction (FVU ≈ 0.28 uniform, 0.34 Zipf).
+    assert m["fvu"] < (0.4 if arch == "feature_choice" else 0.2)
+    assert mmcs(dictionary, torch.randn(128, D_IN), signed) < 0.75
     assert 1.5 <= l0 <= 6, l0  # the inference rule gives about k latents per token
     if arch == "matryoshka":
         fvu = prefix_fvu(final, x)
