@@ -21,6 +21,22 @@ largest pre-activation in the batch, an estimate of its ``1 − m_i/N`` quantile
 EMA of each feature's firing density (``feature_density``, used by Zipf capacities and
 ``aux_zipf_loss``) are persistent buffers, so training resumes exactly and saved SAEs carry them.
 
+Training: ``mse_scale · mean ||y − y_hat||²`` (TopK's normalised MSE) on the selection, plus
+``aux_coefficient ·`` :func:`aux_zipf_loss` (or OpenAI's AuxK with ``aux="k"``); unit-norm decoder rows.
+
+``aux_zipf_loss``. The paper's text (arXiv 2411.02124) was not readable from here; only its abstract and
+reviews were ("generalises aux_k_loss to mitigate dead and underutilised features"; "the Zipf distribution
+fits the feature densities except at the lower end"). Our definition, which is AuxK exactly when every
+feature is either dead or at/above its Zipf-expected density:
+
+1. rank the features by their firing density ``d_i`` (EMA over training batches), rank ``r_i = 1`` the most
+   used; fit ``log d = c − α log r`` by least squares on the upper half of the ranks with ``d > 0`` (or fix
+   ``α`` and fit ``c`` only): the Zipf curve ``e_i = exp(c)·r_i^-α``;
+2. under-use weight ``w_i = clamp(1 − d_i / e_i, 0, 1)`` (1 for a dead feature, 0 at or above the curve);
+3. per token, the ``aux_k`` features with the largest ``w_i · ReLU(pre_i)`` among ``w_i > 0`` reconstruct
+   the detached residual ``e = y − y_hat``: ``r = Σ_i w_i ReLU(pre_i) W_dec[i]`` (no ``b_dec``);
+4. ``aux_zipf_loss = mean ||e − r||² / mean ||e − mean(e)||²`` (OpenAI's normalisation, as our AuxK).
+
 Training works on the selected entries only: :class:`CooEncode` / :class:`CooDecode` compute the
 ``nnz`` selected pre-activations and the reconstruction with a sparse backward (``index_add`` over the
 selected rows/columns), so no dense ``(N, F)`` gradient exists; the dense ``(N, F)`` pre-activation
@@ -29,18 +45,26 @@ matrix used to choose the entries is computed without autograd.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from ..config import SAEConfig
 from ..errors import ConfigError
-from .base import SAE
+from .base import SAE, SparseLatents, sparse_decode
+from .kernels import gather_encode
+from .registry import register_sae_class
+from .training import AuxKSettings, LossOutput, StepContext, TrainingSpec, auxk_nmse, dead_reconstruction, encoder_input, mse, skip_term
 
 #: Chunk size (elements of a ``(chunk, d)`` temporary) of the COO kernels.
 CHUNK_ELEMENTS = 1 << 24
 
 
 class _ChoiceSAE(SAE):
+    uses_k = True
+
     def __init__(self, cfg: SAEConfig) -> None:
         if cfg.k is None:
             raise ConfigError(f"architecture {cfg.architecture!r} needs k (average active latents per token)")
@@ -204,3 +228,169 @@ def coo_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, rows: Tensor, col
 def coo_decode(values: Tensor, W_dec: Tensor, rows: Tensor, cols: Tensor, n: int) -> Tensor:
     """``dense(values at (rows, cols)) @ W_dec`` as ``(n, d)`` without building the ``(n, F)`` matrix."""
     return CooDecode.apply(values, W_dec, rows, cols, n)
+
+
+# aux_zipf_loss ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def zipf_expected_density(density: Tensor, alpha: float | None = None) -> Tensor:
+    """The Zipf curve ``e_i = exp(c) · r_i^-α`` fitted to ``density (F,)`` (see the module docstring);
+    zeros when fewer than two features (one with a fixed ``alpha``) of the upper half have ``d > 0``."""
+    f = density.shape[0]
+    d = density.double()
+    order = torch.sort(d, descending=True, stable=True).indices
+    ranks = torch.empty(f, dtype=torch.float64, device=d.device)
+    ranks[order] = torch.arange(1, f + 1, dtype=torch.float64, device=d.device)
+    fit = (ranks <= max(1, f // 2)) & (d > 0)
+    if int(fit.sum()) < (1 if alpha is not None else 2):
+        return torch.zeros_like(d)
+    lr, ld = ranks[fit].log(), d[fit].log()
+    if alpha is None:
+        lr_c = lr - lr.mean()
+        denom = (lr_c * lr_c).sum()
+        a = -(lr_c * (ld - ld.mean())).sum() / denom if float(denom) > 0 else torch.zeros((), dtype=d.dtype, device=d.device)
+    else:
+        a = torch.tensor(float(alpha), dtype=d.dtype, device=d.device)
+    c = (ld + a * lr).mean()
+    return torch.exp(c - a * ranks.log())
+
+
+@torch.no_grad()
+def zipf_weights(density: Tensor, alpha: float | None = None) -> Tensor:
+    """Under-use weights ``w_i = clamp(1 − d_i/e_i, 0, 1)``; without a fitted curve, 1 for dead features only."""
+    expected = zipf_expected_density(density, alpha)
+    d = density.double()
+    w = torch.where(expected > 0, (1 - d / expected.clamp_min(1e-300)).clamp(0, 1), (d <= 0).double())
+    return w.to(density.dtype)
+
+
+def aux_zipf_loss(
+    sae: SAE, x_in: Tensor, pre: Tensor, residual: Tensor, weights: Tensor, aux_k: int,
+    aux_denom: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor | None:
+    """The auxiliary loss of the module docstring; ``None`` when no feature is under-used.
+
+    ``x_in (N, d_in)`` encoder input, ``pre (N, F)`` its (no-grad) pre-activations, ``residual (N, d)``
+    detached, ``weights (F,)`` from :func:`zipf_weights`."""
+    candidates = weights > 0
+    k_aux = min(aux_k, int(candidates.sum()))
+    if k_aux == 0:
+        return None
+    with torch.no_grad():
+        score = (torch.relu(pre) * weights).masked_fill(~candidates, float("-inf"))
+        idx = score.topk(k_aux, dim=-1, sorted=False).indices
+        values = pre.gather(-1, idx)
+    b_enc = sae.b_enc if sae.has_encoder_bias else None
+    acts = torch.relu(gather_encode(x_in, sae.W_enc, b_enc, idx, values)) * weights[idx]
+    return auxk_nmse(sparse_decode(SparseLatents(acts, idx, sae.cfg.d_sae), sae.W_dec), residual, aux_denom)
+
+
+# Training -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChoiceSettings(AuxKSettings):
+    """``aux``: ``zipf`` (:func:`aux_zipf_loss`) or ``k`` (AuxK on dead latents); ``zipf_alpha``: the Zipf
+    exponent (``None``: fitted; Zipf capacities then use 1.0); ``threshold_lr``, ``density_lr``: EMA rates
+    of the inference thresholds and of the feature densities."""
+
+    aux: str = "zipf"
+    zipf_alpha: float | None = None
+    threshold_lr: float = 0.01
+    density_lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.aux not in ("zipf", "k"):
+            raise ConfigError(f"{type(self).__name__}.aux must be 'zipf' or 'k', got {self.aux!r}")
+
+
+@dataclass
+class FeatureChoiceSettings(ChoiceSettings):
+    """Plus ``capacities``: ``uniform`` (``round(k·N/F)``) or ``zipf`` (:func:`zipf_capacities` by density rank)."""
+
+    capacities: str = "uniform"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.capacities not in ("uniform", "zipf"):
+            raise ConfigError(f"FeatureChoiceSettings.capacities must be 'uniform' or 'zipf', got {self.capacities!r}")
+
+
+class ChoiceTraining(TrainingSpec):
+    settings = ChoiceSettings
+    synced_buffers = ("threshold", "feature_density")
+
+    def select(self, sae: _ChoiceSAE, pre: Tensor, settings: ChoiceSettings, first: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return sae.select(pre)  # type: ignore[attr-defined]
+
+    def loss(self, sae: _ChoiceSAE, x: Tensor, target: Tensor | None, settings: ChoiceSettings, ctx: StepContext) -> LossOutput:
+        y = x if target is None else target
+        x_in = encoder_input(sae, x)
+        b_enc = sae.b_enc if sae.has_encoder_bias else None
+        n = x.shape[0]
+        first = ctx.step == 0
+        with torch.no_grad():
+            pre = x_in @ sae.W_enc
+            if b_enc is not None:
+                pre = pre + b_enc
+            rows, cols, values = self.select(sae, pre, settings, first)
+            weights = zipf_weights(sae.feature_density, settings.zipf_alpha) if settings.aux == "zipf" and not first else None
+        acts = torch.relu(coo_encode(x_in, sae.W_enc, b_enc, rows, cols, values))
+        y_hat = coo_decode(acts, sae.W_dec, rows, cols, n) + sae.b_dec + skip_term(sae, x)
+        err = mse(y, y_hat)
+        loss = ctx.mse_scale * err
+        aux = torch.zeros((), dtype=err.dtype, device=err.device)
+        if settings.aux_coefficient:
+            residual = (y - y_hat).detach()
+            if settings.aux == "zipf":
+                a = aux_zipf_loss(sae, x_in, pre, residual, weights, settings.aux_k, ctx.aux_denom) if weights is not None else None
+            else:
+                recon = dead_reconstruction(sae, x_in, pre, ctx.dead, settings.aux_k)
+                a = None if recon is None else auxk_nmse(recon, residual, ctx.aux_denom)
+            if a is not None:
+                aux = settings.aux_coefficient * a
+                loss = loss + aux
+        with torch.no_grad():
+            fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
+            fired[cols] = True
+            l0 = torch.tensor(rows.numel() / max(n, 1), device=x.device)
+        return LossOutput(loss, fired, {"mse": err.detach(), "aux": aux.detach(), "l0": l0},
+                          {"cols": cols, "values": values.detach(), "n": torch.tensor(n)})
+
+    @torch.no_grad()
+    def after_step(self, sae: _ChoiceSAE, settings: ChoiceSettings, out: LossOutput, first: bool) -> None:
+        cols, values, n = out.updates["cols"], out.updates["values"], int(out.updates["n"])
+        f = sae.cfg.d_sae
+        counts = torch.bincount(cols, minlength=f).to(sae.feature_density.dtype) / max(n, 1)
+        if first:
+            sae.feature_density.copy_(counts)
+        else:
+            sae.feature_density.add_(settings.density_lr * (counts - sae.feature_density))
+        if not values.numel():
+            return
+        lr = settings.threshold_lr
+        if sae.threshold.dim() == 0:
+            low = values.min().to(sae.threshold.dtype)
+            sae.threshold.copy_(low if first else sae.threshold + lr * (low - sae.threshold))
+            return
+        low = torch.full((f,), float("inf"), dtype=values.dtype, device=values.device).scatter_reduce(0, cols, values, reduce="amin")
+        hit = torch.isfinite(low)
+        low = low.to(sae.threshold.dtype)
+        sae.threshold[hit] = low[hit] if first else sae.threshold[hit] + lr * (low[hit] - sae.threshold[hit])
+
+
+class FeatureChoiceTraining(ChoiceTraining):
+    settings = FeatureChoiceSettings
+
+    def select(self, sae: FeatureChoiceSAE, pre: Tensor, settings: FeatureChoiceSettings, first: bool) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        caps = None
+        if settings.capacities == "zipf" and not first:
+            alpha = settings.zipf_alpha if settings.zipf_alpha is not None else 1.0
+            caps = zipf_capacities(sae.feature_density, int(sae.cfg.k) * pre.shape[0], alpha)  # type: ignore[arg-type]
+        return sae.select(pre, caps)
+
+
+register_sae_class(MutualChoiceSAE, spec=ChoiceTraining())
+register_sae_class(FeatureChoiceSAE, spec=FeatureChoiceTraining())

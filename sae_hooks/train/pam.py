@@ -29,8 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from typing import Any
+
 from ..errors import ConfigError, ShapeMismatchError
-from ..saes.base import SparseLatents
+from ..saes.base import SAE, SparseLatents
+from ..saes.training import ArchSettings, LossOutput, StepContext
+from .objectives import SAEObjective
+from .trainer import register_optimizer
 
 DENSE_MAX = 4096
 SOLVERS = ("auto", "cholesky", "cg")
@@ -231,7 +236,7 @@ def _sparse_diag(g: Tensor) -> Tensor:
 
 
 @dataclass
-class PAMSettings:
+class PAMSettings(ArchSettings):
     """PAM-SGD hyper-parameters (names and defaults of the paper's LLM script, ``exp_e3``).
 
     Attributes:
@@ -257,6 +262,7 @@ class PAMSettings:
     cg_tol: float = 1e-8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.round_steps < 1:
             raise ConfigError(f"PAM-SGD round_steps must be >= 1, got {self.round_steps}")
         if self.solver not in SOLVERS:
@@ -304,22 +310,32 @@ def snapshot_encoder(sae) -> dict[str, Tensor]:  # noqa: ANN001
     return out
 
 
-class PAMState:
-    """PAM-SGD for one SAE in the streaming trainer: the encoder optimiser, the round's decoder statistics,
-    the encoder at the start of the round (for the proximal terms) and the position in the round.
+PAM_ARCHS = ("signed_topk", "topk", "relu")
 
-    Each step: (1) the batch's codes under the current encoder are added to the statistics, (2) the encoder
-    takes ``sgd_updates`` Adam steps on the architecture's loss + the proximal terms, decoder fixed. After
-    ``round_steps`` steps the decoder is solved from the round's statistics and a new round starts. The
-    first batch also gets an immediate decoder solve, so the encoder never trains against a random decoder.
-    (The paper's epoch loop computes the round's codes with the encoder frozen; a live stream cannot be
-    replayed, so here each batch's codes come from the encoder as it was when the batch arrived —
+
+class PAMObjective(SAEObjective):
+    """PAM-SGD for one SAE in the streaming trainer (``TrainSettings(optimizer="pam-sgd")``).
+
+    ``W_dec`` and ``b_dec`` are taken out of the optimiser (``requires_grad=False``): the trainer's Adam moves
+    the encoder only, on the architecture's loss plus the proximal terms towards the encoder of the start of
+    the round. After each step the batch's codes under the updated encoder join the round's statistics;
+    after ``round_steps`` steps the decoder is solved from them and a new round starts. The first batches
+    (the trainer's ``init_batches``, used for the data statistics) also give an immediate decoder solve, so
+    the encoder never trains against a random decoder. No unit-norm constraint (the closed-form decoder is
+    unconstrained). (The paper's epoch loop computes a round's codes with the encoder frozen; a live stream
+    cannot be replayed, so here each batch's codes come from the encoder right after its step —
     :func:`pam_fit` follows the paper exactly for in-memory data.)
     """
 
-    def __init__(self, sae, settings: PAMSettings, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:  # noqa: ANN001
-        self.sae, self.settings = sae, settings
-        self.optimizer = torch.optim.Adam(encoder_parameters(sae), lr=lr, betas=tuple(betas), eps=eps)
+    def __init__(self, sae: SAE, site: str, site_out: str | None = None, settings: PAMSettings | dict | None = None):
+        if sae.cfg.architecture not in PAM_ARCHS or sae.cfg.skip:
+            raise ConfigError(
+                f"PAM-SGD is implemented for {', '.join(PAM_ARCHS)} without a skip path, not {sae.cfg.architecture!r}"
+            )
+        super().__init__(sae, site, site_out)
+        self.pam = PAMSettings.from_dict(settings)
+        sae.W_dec.requires_grad_(False)
+        sae.b_dec.requires_grad_(False)
         self.stats = self._new_stats()
         self.prev: dict[str, Tensor] = {}
         self.step_in_round = 0
@@ -327,58 +343,90 @@ class PAMState:
 
     def _new_stats(self) -> DecoderStats:
         cfg = self.sae.cfg
-        return DecoderStats(cfg.d_sae, cfg.output_dim, sparse=self.settings.sparse_stats, device=self.sae.device)
+        return DecoderStats(cfg.d_sae, cfg.output_dim, sparse=self.pam.sparse_stats, device=self.sae.device)
+
+    def decoders(self) -> list[Tensor]:
+        return []
 
     @torch.no_grad()
-    def observe(self, codes: Tensor | SparseLatents, target: Tensor) -> None:
-        """Add one batch's codes and reconstruction targets (normalised coordinates) to the round."""
-        self.stats.add(codes, target)
-        if self.decoder_steps == 0:  # the very first batch: an immediate decoder solve
-            self.solve()
-            self.stats.add(codes, target)
+    def _observe(self, inputs: dict[str, Tensor]) -> None:
+        x, y = self.normalise(inputs)
+        self.stats.add(self.sae.encode_normalized(x)[0], x if y is None else y)
 
-    def solve(self) -> None:
-        decoder_step(self.sae, self.stats, self.settings)
+    def _solve(self) -> None:
+        decoder_step(self.sae, self.stats, self.pam)
         self.stats = self._new_stats()
         self.prev = snapshot_encoder(self.sae)
         self.decoder_steps += 1
         self.step_in_round = 0
 
-    def end_step(self) -> None:
+    @torch.no_grad()
+    def prepare(self, batches: list[dict[str, Tensor]], settings: Any) -> None:
+        super().prepare(batches, settings)
+        for b in batches:
+            self._observe(b)
+        self._solve()
+
+    def loss(self, inputs: dict[str, Tensor], ctx: StepContext, arch: ArchSettings) -> LossOutput:
+        out = super().loss(inputs, ctx, arch)
+        out.loss = out.loss + proximal_penalty(self.sae, self.prev, self.pam)
+        return out
+
+    def after_step(self, inputs: dict[str, Tensor], out: LossOutput, arch: ArchSettings, first: bool) -> None:
+        super().after_step(inputs, out, arch, first)
+        self._observe(inputs)
         self.step_in_round += 1
-        if self.step_in_round >= self.settings.round_steps:
-            self.solve()
+        if self.step_in_round >= self.pam.round_steps:
+            self._solve()
 
-    # Checkpoints ---------------------------------------------------------------------------------
+    # State -----------------------------------------------------------------------------------------
 
-    def state_dict(self) -> tuple[dict, dict[str, Tensor]]:
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pam": {"n": self.stats.n, "sparse": self.stats.sparse,
+                                                "step_in_round": self.step_in_round, "decoder_steps": self.decoder_steps}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "pam" not in state:
+            raise ConfigError("this checkpoint entry was not trained with PAM-SGD (no PAM state)")
+        p = state["pam"]
+        self.step_in_round, self.decoder_steps = int(p["step_in_round"]), int(p["decoder_steps"])
+        self.stats = DecoderStats(self.sae.cfg.d_sae, self.sae.cfg.output_dim, sparse=bool(p["sparse"]), device=self.sae.device)
+        self.stats.n = int(p["n"])
+
+    def tensor_state(self) -> dict[str, Tensor]:
         s = self.stats
+        out = {"ZtX": s.ZtX, "z_sum": s.z_sum, "x_sum": s.x_sum, **{f"prev.{k}": v for k, v in self.prev.items()}}
         g = s.gram
-        tensors = {"ZtX": s.ZtX, "z_sum": s.z_sum, "x_sum": s.x_sum}
         if g.is_sparse:
-            tensors["gram_indices"], tensors["gram_values"] = g.indices(), g.values()
+            out["gram_indices"], out["gram_values"] = g.indices(), g.values()
         else:
-            tensors["gram"] = g
-        tensors.update({f"prev.{k}": v for k, v in self.prev.items()})
-        # (the encoder optimiser is checkpointed by the trainer, which holds it as the entry's optimizer)
-        meta = {"n": s.n, "sparse": s.sparse, "step_in_round": self.step_in_round, "decoder_steps": self.decoder_steps}
-        return meta, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            out["gram"] = g
+        return out
 
-    def load_state_dict(self, meta: dict, tensors: dict[str, Tensor]) -> None:
-        dev = self.sae.device
-        s = DecoderStats(self.sae.cfg.d_sae, self.sae.cfg.output_dim, sparse=meta["sparse"], device=dev)
+    def load_tensor_state(self, tensors: dict[str, Tensor]) -> None:
+        s, dev = self.stats, self.sae.device
         s.ZtX, s.z_sum, s.x_sum = (tensors[k].to(dev) for k in ("ZtX", "z_sum", "x_sum"))
-        s.n = int(meta["n"])
         if s.sparse:
+            s._ZtZ_parts = []
             if tensors["gram_values"].numel():
                 s._ZtZ_parts = [torch.sparse_coo_tensor(tensors["gram_indices"].to(dev), tensors["gram_values"].to(dev),
                                                         (s.d_sae, s.d_sae), check_invariants=True).coalesce()]
         else:
             s._ZtZ_dense = tensors["gram"].to(dev)
-        self.stats = s
         self.prev = {k[len("prev."):]: v.to(dev) for k, v in tensors.items() if k.startswith("prev.")}
-        self.step_in_round = int(meta["step_in_round"])
-        self.decoder_steps = int(meta["decoder_steps"])
+
+    def final(self, settings: Any, state: Any, metadata: dict[str, Any]) -> SAE:
+        sae = super().final(settings, state, metadata)
+        sae.W_dec.requires_grad_(True)
+        sae.b_dec.requires_grad_(True)
+        return sae
+
+
+register_optimizer(
+    "pam-sgd", lambda params, s: torch.optim.Adam(params, lr=1.0, betas=s.betas, eps=s.eps),
+    objective=lambda sae, site, site_out, settings: PAMObjective(sae, site, site_out, settings),
+)
 
 
 def pam_fit(

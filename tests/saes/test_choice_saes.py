@@ -5,11 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_hooks.saes import make_sae
+from sae_hooks.saes import make_sae, training_spec
 from sae_hooks.saes.choice import (
-    coo_decode, coo_encode, feature_choice_select, mutual_choice_select, uniform_capacities, zipf_capacities,
+    aux_zipf_loss, coo_decode, coo_encode, feature_choice_select, mutual_choice_select, uniform_capacities,
+    zipf_capacities, zipf_expected_density, zipf_weights,
 )
-from sae_hooks.train.method_losses import aux_zipf_loss, choice_loss, zipf_expected_density, zipf_weights
+from sae_hooks.saes.training import StepContext, dead_reconstruction, auxk_nmse
+
+
+def choice_step(sae, x, mse_scale=1.0, first=True, **settings):
+    """One training loss of the architecture's spec (+ its after-step update), AuxK off unless asked."""
+    spec = training_spec(sae.cfg.architecture)
+    s = spec.settings.from_dict({"aux_coefficient": 0.0, **settings})
+    ctx = StepContext(step=0 if first else 1, mse_scale=mse_scale, dead=torch.zeros(sae.cfg.d_sae, dtype=torch.bool))
+    out = spec.loss(sae, x, None, s, ctx)
+    spec.after_step(sae, s, out, first)
+    return out
 
 
 def _sae(arch, d=8, f=32, k=3, seed=0):
@@ -107,7 +118,7 @@ def test_no_dense_n_by_f_tensor_is_saved_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = choice_loss(sae, x, 1.0, torch.zeros(512, dtype=torch.bool), 16, 0.0, 0.01, True)
+        out = choice_step(sae, x)
     out.loss.backward()
     assert (64, 512) not in saved
     assert sae.W_enc.grad is not None and sae.W_enc.grad.shape == (8, 512)
@@ -117,7 +128,7 @@ def test_no_dense_n_by_f_tensor_is_saved_for_backward():
 def test_choice_loss_equals_a_hand_computation(arch):
     sae = _sae(arch)
     x = torch.randn(16, 8)
-    out = choice_loss(sae, x, 0.7, torch.zeros(32, dtype=torch.bool), 4, 0.0, 0.01, True)
+    out = choice_step(sae, x, 0.7)
     pre = x @ sae.W_enc + sae.b_enc
     pre = pre.detach()
     if arch == "mutual_choice":
@@ -129,7 +140,7 @@ def test_choice_loss_equals_a_hand_computation(arch):
     x_hat = f @ sae.W_dec + sae.b_dec
     mse = ((x_hat - x) ** 2).sum(-1).mean()
     torch.testing.assert_close(out.loss, 0.7 * mse, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.l0, (f > 0).sum(-1).float().mean())
+    torch.testing.assert_close(out.metrics["l0"], (f > 0).sum(-1).float().mean())
     # thresholds after the first step: smallest kept value (global, or per feature)
     if arch == "mutual_choice":
         torch.testing.assert_close(sae.threshold, f[f > 0].min())
@@ -145,7 +156,7 @@ def test_feature_choice_has_no_dead_feature_when_every_feature_has_a_positive_pr
     x = torch.randn(128, 8)
     pre = x @ sae.W_enc + sae.b_enc
     assert (pre.max(0).values > 0).all()
-    out = choice_loss(sae, x, 1.0, torch.zeros(64, dtype=torch.bool), 4, 0.0, 0.01, True)
+    out = choice_step(sae, x)
     assert out.fired.all()
 
 
@@ -187,11 +198,10 @@ def test_aux_zipf_loss_equals_the_hand_formula_and_reduces_to_auxk():
     ref = ((recon - residual) ** 2).sum(-1).mean() / ((residual - residual.mean(0)) ** 2).sum(-1).mean()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     # 0/1 weights: OpenAI's AuxK on the dead set
-    from sae_hooks.train.losses import _auxk
-
     dead = torch.zeros(16, dtype=torch.bool)
     dead[[2, 5, 11]] = True
-    torch.testing.assert_close(aux_zipf_loss(sae, x, pre, residual, dead.float(), 2), _auxk(sae, x, pre, residual, dead, 2))
+    auxk = auxk_nmse(dead_reconstruction(sae, x, pre, dead, 2), residual)
+    torch.testing.assert_close(aux_zipf_loss(sae, x, pre, residual, dead.float(), 2), auxk)
     assert aux_zipf_loss(sae, x, pre, residual, torch.zeros(16), 2) is None
 
 
@@ -199,10 +209,26 @@ def test_inference_is_per_token_and_uses_the_thresholds():
     for arch in ("mutual_choice", "feature_choice"):
         sae = _sae(arch)
         x = torch.randn(20, 8)
-        choice_loss(sae, x, 1.0, torch.zeros(32, dtype=torch.bool), 4, 0.0, 0.01, True)
+        choice_step(sae, x)
         x = torch.randn(20, 8)  # new tokens (the training batch sits exactly on the thresholds)
         batch = sae.encode(x)
         single = torch.stack([sae.encode(x[i]) for i in range(20)])
         torch.testing.assert_close(batch, single)
         pre = x @ sae.W_enc + sae.b_enc
         torch.testing.assert_close(batch, torch.relu(pre) * (pre > sae.threshold))
+
+
+def test_training_with_aux_zipf_and_zipf_capacities_after_the_first_step():
+    sae = _sae("feature_choice", f=64, k=2)
+    g = torch.Generator().manual_seed(7)
+    choice_step(sae, torch.randn(64, 8, generator=g))
+    with torch.no_grad():
+        sae.feature_density[:8] = 0.0  # some under-used features
+    out = choice_step(sae, torch.randn(64, 8, generator=g), first=False, aux_coefficient=0.5, capacities="zipf")
+    assert out.metrics["aux"] > 0
+    out.loss.backward()
+    assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="capacities"):
+        training_spec("feature_choice").settings.from_dict({"capacities": "exp"})
+    with pytest.raises(Exception, match="aux"):
+        training_spec("mutual_choice").settings.from_dict({"aux": "ghost"})

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 import sae_hooks
 from sae_hooks.errors import ConfigError
-from sae_hooks.saes import make_sae
-from sae_hooks.train.method_losses import matryoshka_loss, prefix_fvu
+from sae_hooks.saes import make_sae, training_spec
+from sae_hooks.saes.matryoshka import prefix_fvu
+from sae_hooks.saes.training import StepContext
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
 
@@ -39,7 +40,10 @@ def test_widths_are_completed_and_validated():
 def test_each_prefix_loss_against_a_hand_computation(weights):
     sae = _sae()
     x = torch.randn(12, 8)
-    out = matryoshka_loss(sae, x, 0.9, torch.zeros(16, dtype=torch.bool), 4, 0.0, 0.01, True, prefix_weights=weights)
+    spec = training_spec("matryoshka")
+    settings = spec.settings.from_dict({"aux_coefficient": 0.0, "prefix_weights": weights})
+    out = spec.loss(sae, x, None, settings, StepContext(step=0, mse_scale=0.9, dead=torch.zeros(16, dtype=torch.bool)))
+    spec.after_step(sae, settings, out, True)
     pre = x @ sae.W_enc + sae.b_enc
     post = torch.relu(pre).detach()
     keep = post >= post.flatten().topk(3 * 12).values.min()
@@ -50,7 +54,7 @@ def test_each_prefix_loss_against_a_hand_computation(weights):
         x_hat = f[:, :m] @ sae.W_dec[:m] + sae.b_dec
         total += w_g * ((x - x_hat) ** 2).sum(-1).mean()
     torch.testing.assert_close(out.loss, 0.9 * total, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.mse, ((x - (f @ sae.W_dec + sae.b_dec)) ** 2).sum(-1).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.metrics["mse"], ((x - (f @ sae.W_dec + sae.b_dec)) ** 2).sum(-1).mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sae.threshold, f[f > 0].min())
 
 
