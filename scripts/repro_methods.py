@@ -22,7 +22,7 @@ import torch
 
 from sae_hooks import make_sae
 from sae_hooks.train import Trainer, TrainEntry, TrainSettings
-from sae_hooks.train.method_losses import prefix_fvu
+from sae_hooks.saes.matryoshka import prefix_fvu
 from sae_hooks.train.pam import PAMSettings, pam_fit
 
 FRACTIONS = (0.01, 0.05, 0.10, 0.25, 1.0)
@@ -248,7 +248,7 @@ def cmd_choice(args) -> dict:  # noqa: ANN001
         "topk (AuxK)": ("topk", TrainSettings(lr=2e-3, dead_tokens=200_000)),
         "mutual_choice (aux_zipf)": ("mutual_choice", TrainSettings(lr=2e-3, dead_tokens=200_000)),
         "feature_choice uniform (aux_zipf)": ("feature_choice", TrainSettings(lr=2e-3, dead_tokens=200_000)),
-        "feature_choice zipf (aux_zipf)": ("feature_choice", TrainSettings(lr=2e-3, dead_tokens=200_000, feature_capacities="zipf")),
+        "feature_choice zipf (aux_zipf)": ("feature_choice", TrainSettings(lr=2e-3, dead_tokens=200_000, arch={"capacities": "zipf"})),
     }
     entries = [TrainEntry(name.split()[0] + str(i), "x", make_sae(arch, d, d_sae, k=k), s) for i, (name, (arch, s)) in enumerate(cases.items())]
     t0 = time.perf_counter()

@@ -153,15 +153,19 @@ class DecoderStats:
         mu_dec: float = 0.0,
         W_prev: Tensor | None = None,
         solver: str = "auto",
-        tol: float = 1e-10,
-        max_iter: int | None = None,
+        tol: float = 1e-8,
+        max_iter: int = 1000,
     ) -> tuple[Tensor, Tensor]:
         """``(W_dec (d_sae, d_out), b_dec (d_out))`` in float64.
 
         ``W = argmin ||ZW − X||² + r²||W||² + α_w||W||² + μ_dec||W − W_prev||²`` with ``r = decoder_reg``
         (the paper's ``DECODER_REG``, the coefficient of the stacked identity rows), then
         ``b = (Σx − (Σz) W) / N``. ``solver="cg"`` stops when every column's residual norm is below
-        ``tol`` times its right-hand side's norm (or after ``max_iter``, default ``d_sae``, iterations).
+        ``tol`` times its right-hand side's norm, or after ``max_iter`` iterations (then the solution is
+        approximate; warm-started from ``W_prev``, later rounds keep improving it). CG converges fast when
+        the latents fire often relative to the ridge; latents seen once or twice make the Gram nearly
+        singular and CG slow (e.g. 23 iterations at ``r = 1`` but 177 at ``r = 0.1`` for 8192 latents
+        firing ~8 times each).
         """
         if solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -185,14 +189,13 @@ class DecoderStats:
                 L, info = torch.linalg.cholesky_ex(A)
                 W = torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
         else:
-            W = conjugate_gradient(self.gram, lam, rhs, x0=W_prev, tol=tol, max_iter=max_iter or self.d_sae)
+            W = conjugate_gradient(self.gram, lam, rhs, x0=W_prev, tol=tol, max_iter=max_iter)
         b = (self.x_sum - self.z_sum @ W) / self.n
         return W, b
 
 
 def _gram_matvec(gram: Tensor, lam: float, V: Tensor) -> Tensor:
-    out = torch.sparse.mm(gram, V) if gram.is_sparse else gram @ V
-    return out + lam * V
+    return gram @ V + lam * V
 
 
 @torch.no_grad()
@@ -205,7 +208,11 @@ def conjugate_gradient(
     positive definite. Latents that never fired have a zero row/column: CG leaves their rows of ``W`` at
     ``rhs/lam`` = 0 (no ``μ_dec``), as the exact solution does.
     """
-    diag = (gram.to_dense().diagonal() if not gram.is_sparse else _sparse_diag(gram)) + lam
+    diag = (gram.diagonal() if not gram.is_sparse else _sparse_diag(gram)) + lam
+    if gram.is_sparse:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            gram = gram.coalesce().to_sparse_csr()  # CSR products are ~2x faster than COO on CPU
     inv_diag = 1.0 / diag.clamp_min(1e-300)
     W = torch.zeros_like(rhs) if x0 is None else x0.to(rhs).clone()
     R = rhs - _gram_matvec(gram, lam, W)
@@ -213,9 +220,11 @@ def conjugate_gradient(
     P = Zp.clone()
     rz = (R * Zp).sum(0)
     target = tol * rhs.norm(dim=0).clamp_min(1e-300)
+    conjugate_gradient.iterations = 0  # type: ignore[attr-defined]
     for _ in range(max_iter):
         if bool((R.norm(dim=0) <= target).all()):
             break
+        conjugate_gradient.iterations += 1  # type: ignore[attr-defined]
         AP = _gram_matvec(gram, lam, P)
         alpha = rz / (P * AP).sum(0).clamp_min(1e-300)
         W += alpha * P
@@ -246,6 +255,7 @@ class PAMSettings(ArchSettings):
         decoder_stay_close: enable ``alpha_w``, ``mu_dec``, ``nu_dec``, ``beta_b`` (off in the paper's runs).
         solver: ``auto`` | ``cholesky`` | ``cg`` (see the module docstring).
         sparse_stats: accumulate ``ZᵀZ`` sparsely (``None``: iff ``d_sae > 4096``).
+        cg_tol, cg_max_iter: the CG solver's relative residual and iteration cap (warm-started each round).
     """
 
     round_steps: int = 50
@@ -259,7 +269,8 @@ class PAMSettings(ArchSettings):
     beta_b: float = 1e-6
     solver: str = "auto"
     sparse_stats: bool | None = None
-    cg_tol: float = 1e-8
+    cg_tol: float = 1e-6
+    cg_max_iter: int = 500
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -278,7 +289,7 @@ def decoder_step(sae, stats: DecoderStats, settings: PAMSettings) -> None:  # no
     close = s.decoder_stay_close
     W, b = stats.solve(
         s.decoder_reg, alpha_w=s.alpha_w if close else 0.0, mu_dec=s.mu_dec if close else 0.0,
-        W_prev=W_prev if (close or stats.sparse) else None, solver=s.solver, tol=s.cg_tol,
+        W_prev=W_prev if (close or stats.sparse) else None, solver=s.solver, tol=s.cg_tol, max_iter=s.cg_max_iter,
     )
     if close:
         b = (b + s.nu_dec * b_prev) / (1 + s.nu_dec) / (1 + s.beta_b)
