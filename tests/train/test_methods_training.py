@@ -164,3 +164,30 @@ def test_bad_settings_are_typed_errors() -> None:
         TrainEntry("e", "x", make_sae("topk", 8, 16, k=2), TrainSettings(optimizer="pam-sgd", optimizer_settings={"round_stepz": 3}))
     with pytest.raises(ConfigError, match="optimizer_settings"):
         TrainSettings(optimizer_settings={"round_steps": 3})
+
+
+@pytest.mark.slow
+def test_matryoshka_prefix_fvu_decreases_on_the_embedded_model() -> None:
+    pytest.importorskip("transformers")
+    from sae_hooks.app.demo import load_default_model, pydoc_texts
+    from sae_hooks.train.sources import ActivationReader, pack_texts
+
+    model, tok = load_default_model()
+    train_texts, held = pydoc_texts()
+    reader = ActivationReader(model, ["transformer.h.1"], bos_token_id=0)
+
+    def acts(texts, n):
+        out = torch.cat([reader.read(b)["transformer.h.1"] for b in pack_texts(tok, texts, 64, 16, 0)[: n // 900 + 1]])
+        return out[:n]
+
+    x, test = acts(train_texts, 8192), acts(held, 2048)
+    torch.manual_seed(0)
+    sae = make_sae("matryoshka", 128, 512, k=8, matryoshka_widths=[16, 64, 256])
+    entry = TrainEntry("m", "transformer.h.1", sae, TrainSettings(lr=3e-3))
+    g = torch.Generator().manual_seed(0)
+    Trainer([entry]).fit((x[torch.randint(0, x.shape[0], (256,), generator=g)] for _ in range(300)), max_steps=300)
+    fvu = prefix_fvu(entry.final(), test)
+    print("embedded prefix FVU", fvu)
+    widths = [16, 64, 256, 512]
+    assert all(fvu[a] > fvu[b] for a, b in zip(widths, widths[1:]))
+    assert fvu[512] < 0.5
