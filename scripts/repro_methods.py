@@ -218,7 +218,10 @@ def _train_entries(entries: list[TrainEntry], acts: torch.Tensor, steps: int, ba
 
 @torch.no_grad()
 def _choice_eval(sae, model, tok, held_texts, test_acts) -> dict[str, float]:  # noqa: ANN001
-    from sae_hooks.metrics import hooks_splice_runner, splice_metrics
+    try:  # sae_hooks.eval (issue 9) replaces sae_hooks.metrics
+        from sae_hooks.eval import hooks_splice_runner, splice_metrics
+    except ImportError:
+        from sae_hooks.metrics import hooks_splice_runner, splice_metrics
     from sae_hooks.train.sources import pack_texts
 
     f = sae.encode(test_acts)
@@ -233,7 +236,7 @@ def _choice_eval(sae, model, tok, held_texts, test_acts) -> dict[str, float]:  #
         "l0": per_token.mean().item(), "l0_std": per_token.std().item(), "l0_p10": q[0].item(), "l0_p50": q[1].item(),
         "l0_p90": q[2].item(), "l0_max": per_token.max().item(),
         "dead_fraction": ((f != 0).sum(0) == 0).float().mean().item(), "fvu": fvu,
-        "ce_loss_recovered": splice["ce_loss_recovered"],
+        "ce_loss_recovered": splice.get("ce_loss_score", splice.get("ce_loss_recovered")),
     }
 
 
