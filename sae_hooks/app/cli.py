@@ -207,7 +207,7 @@ def cmd_save_activations(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..metrics import hooks_splice_runner, reconstruction_metrics, splice_metrics
+    from ..eval import hooks_splice_runner, reconstruction_metrics, splice_metrics
     from ..native import load
     from ..train.sources import ActivationReader
 

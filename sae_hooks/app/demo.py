@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..metrics import hooks_splice_runner, reconstruction_metrics, splice_metrics
+from ..eval import hooks_splice_runner, reconstruction_metrics, splice_metrics
 from ..saes.registry import make_sae
 from ..train.buffer import ShuffleBuffer
 from ..train.sources import ActivationReader, LiveSource, pack_texts
@@ -126,7 +126,7 @@ def format_report(r: dict[str, Any], cfg: DemoConfig) -> str:
         f"  held-out ({r['tokens']:,} tokens): FVU {r['fvu']:.4f}  explained variance {r['explained_variance']:.4f}  "
         f"L0 {r['l0']:.2f}  dead {100 * r['dead_fraction']:.1f}%",
         f"  CE loss: clean {r['ce_clean']:.4f}  with SAE {r['ce_sae']:.4f}  zero-ablated {r['ce_zero']:.4f}  "
-        f"-> CE loss recovered {r['ce_loss_recovered']:.4f};  KL(clean||SAE) {r['kl']:.4f} nats/token",
+        f"-> CE loss recovered {r['ce_loss_score']:.4f};  KL(clean||SAE) {r['kl_clean_sae']:.4f} nats/token",
         "  top tokens of frequent latents:",
     ]
     for lat in r["latents"]:
