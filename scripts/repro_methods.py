@@ -288,12 +288,8 @@ def cmd_matryoshka(args) -> dict:  # noqa: ANN001
     out = {}
     lines = ["| SAE | " + " | ".join(f"FVU, first {w} latents" for w in widths) + " |", "|---|" + "---|" * len(widths)]
     for e in entries:
-        final = e.final_sae()
-        fvus = prefix_fvu(final, test)
-        # the plain SAE has one prefix; evaluate it at the same widths
-        lat = final.encode(test)
-        var = (test - test.mean(0)).pow(2).sum()
-        fvus = {w: float((test - final.decode_prefix(lat, w)).pow(2).sum() / var) for w in widths}
+        # the plain SAE has one prefix: evaluate both at the same widths
+        fvus = prefix_fvu(e.final(), test, widths)
         out[e.name] = fvus
         lines.append(f"| {e.name} | " + " | ".join(f"{fvus[w]:.3f}" for w in widths) + " |")
     print("\n".join(lines))
@@ -306,7 +302,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="merge the numbers into this JSON file")
     args = ap.parse_args()
