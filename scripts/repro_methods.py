@@ -245,13 +245,13 @@ def cmd_choice(args) -> dict:  # noqa: ANN001
     model, tok, train_texts, held_texts = embedded_model()
     acts = embedded_activations(args.tokens, train_texts, model, tok)
     test = embedded_activations(8192, held_texts, model, tok)
-    d, d_sae, k, batch = acts.shape[1], 8 * acts.shape[1], 16, 1024
+    d, d_sae, k, batch = acts.shape[1], args.expansion * acts.shape[1], 16, args.batch
     print(f"choice: {acts.shape[0]} training tokens at {SITE}, d_sae={d_sae}, k={k}, batch {batch}, {args.steps} steps")
     cases = {
-        "topk (AuxK)": ("topk", TrainSettings(lr=2e-3, dead_tokens=200_000)),
-        "mutual_choice (aux_zipf)": ("mutual_choice", TrainSettings(lr=2e-3, dead_tokens=200_000)),
-        "feature_choice uniform (aux_zipf)": ("feature_choice", TrainSettings(lr=2e-3, dead_tokens=200_000)),
-        "feature_choice zipf (aux_zipf)": ("feature_choice", TrainSettings(lr=2e-3, dead_tokens=200_000, arch={"capacities": "zipf"})),
+        "topk (AuxK)": ("topk", TrainSettings(lr=2e-3, dead_tokens=20_000)),
+        "mutual_choice (aux_zipf)": ("mutual_choice", TrainSettings(lr=2e-3, dead_tokens=20_000)),
+        "feature_choice uniform (aux_zipf)": ("feature_choice", TrainSettings(lr=2e-3, dead_tokens=20_000)),
+        "feature_choice zipf (aux_zipf)": ("feature_choice", TrainSettings(lr=2e-3, dead_tokens=20_000, arch={"capacities": "zipf"})),
     }
     entries = [TrainEntry(name.split()[0] + str(i), "x", make_sae(arch, d, d_sae, k=k), s) for i, (name, (arch, s)) in enumerate(cases.items())]
     t0 = time.perf_counter()
@@ -304,6 +304,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--expansion", type=int, default=8, help="choice: d_sae / d")
+    ap.add_argument("--batch", type=int, default=1024, help="choice: tokens per step")
     ap.add_argument("--out", help="merge the numbers into this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

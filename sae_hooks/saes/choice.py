@@ -293,8 +293,11 @@ def aux_zipf_loss(
 class ChoiceSettings(AuxKSettings):
     """``aux``: ``zipf`` (:func:`aux_zipf_loss`) or ``k`` (AuxK on dead latents); ``zipf_alpha``: the Zipf
     exponent (``None``: fitted; Zipf capacities then use 1.0); ``threshold_lr``, ``density_lr``: EMA rates
-    of the inference thresholds and of the feature densities."""
+    of the inference thresholds and of the feature densities. ``aux_k`` defaults to 32, not AuxK's 256:
+    the under-used set of ``aux_zipf_loss`` is large (up to half the features), so 256 auxiliary latents
+    per token would cost 16x the main selection at k = 16."""
 
+    aux_k: int = 32
     aux: str = "zipf"
     zipf_alpha: float | None = None
     threshold_lr: float = 0.01
