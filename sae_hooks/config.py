@@ -93,6 +93,7 @@ class SAEConfig:
         sites: where the SAE was trained (several for a multi-layer SAE).
         model_name: the model it was trained on, when known.
         metadata: free-form extra information (training metrics, source format, ...).
+        matryoshka_widths: ``matryoshka`` only: cumulative prefix widths ``m_1 < … < d_sae`` (SAELens's name).
     """
 
     architecture: str
@@ -110,6 +111,7 @@ class SAEConfig:
     sites: list[Site] = field(default_factory=list)
     model_name: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    matryoshka_widths: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.sites = [s if isinstance(s, Site) else Site.from_dict(s) for s in self.sites]
@@ -137,6 +139,10 @@ class SAEConfig:
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.normalize == "scale" and not self.norm_scale:
             raise ConfigError("normalize='scale' needs a non-zero norm_scale")
+        if self.matryoshka_widths is not None:
+            w = self.matryoshka_widths
+            if not isinstance(w, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in w):
+                raise ConfigError(f"matryoshka_widths must be a list of integers, got {w!r}")
         if self.reshape not in ("none", "hook_z"):
             raise ConfigError(f"reshape must be 'none' or 'hook_z', got {self.reshape!r}")
         if self.is_transcoder and self.apply_b_dec_to_input:

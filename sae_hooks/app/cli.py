@@ -133,11 +133,16 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
         d_sae = args.d_sae or d_in * args.expansion
         for seed in args.seeds:
             extra: dict[str, Any] = {"k": args.k} if sae_class(args.arch).uses_k else {}
+            if args.matryoshka_widths:
+                if args.arch != "matryoshka":
+                    sys.exit("sae-hooks train: --matryoshka-widths is for --arch matryoshka")
+                extra["matryoshka_widths"] = args.matryoshka_widths
             if out is not None:
                 extra.update(d_out=int(widths[out]), skip=args.skip)
             sae = make_sae(args.arch, d_in, d_sae, **extra)
             settings = TrainSettings(lr=args.lr, seed=seed, dead_tokens=args.dead_tokens, warmup_steps=args.warmup,
-                                     arch=_arch_settings(args))
+                                     arch=_arch_settings(args), optimizer=args.optimizer,
+                                     optimizer_settings={"round_steps": args.pam_round_steps} if args.optimizer == "pam-sgd" else {})
             kind = f"{args.arch}-tc" if out is not None else args.arch
             name = f"{site}-{kind}-s{seed}".replace("/", "_")
             entries.append(TrainEntry(name, site, sae, settings, device=None if dist_info else device, site_out=out))
@@ -171,8 +176,8 @@ def _arch_settings(args: argparse.Namespace) -> dict[str, Any]:
     from ..saes.registry import training_spec
 
     known = {f.name for f in dataclasses.fields(training_spec(args.arch).settings)}
-    flags = {"l1_coefficient": args.l1, "l0_coefficient": args.l0}
-    return {k: v for k, v in flags.items() if k in known}
+    flags = {"l1_coefficient": args.l1, "l0_coefficient": args.l0, "capacities": args.capacities, "aux": args.choice_aux}
+    return {k: v for k, v in flags.items() if k in known and v is not None}
 
 
 def cmd_save_activations(args: argparse.Namespace) -> int:
@@ -279,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--l0", type=float, default=0.5)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--dead-tokens", type=int, default=10_000_000)
+    t.add_argument("--optimizer", default="adam", choices=["adam", "pam-sgd"],
+                   help="pam-sgd: closed-form decoder steps + Adam on the encoder (signed_topk, topk, relu)")
+    t.add_argument("--pam-round-steps", type=int, default=50, help="pam-sgd: encoder steps between decoder solves")
+    t.add_argument("--matryoshka-widths", type=int, nargs="+", help="matryoshka: nested prefix widths (d_sae is added)")
+    t.add_argument("--capacities", choices=["uniform", "zipf"], help="feature_choice: per-feature token capacities")
+    t.add_argument("--choice-aux", choices=["zipf", "k"], help="feature/mutual_choice: aux_zipf_loss or AuxK")
     t.add_argument("--seeds", type=int, nargs="+", default=[0])
     t.add_argument("--seed", type=int, default=0, help="buffer / data shuffling seed")
     t.add_argument("--out", required=True)

@@ -5,9 +5,11 @@ transcoders, multi-layer SAEs, Jacobian pairs), robust start-of-run statistics, 
 from .buffer import ShuffleBuffer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedTrainer, distributed_context, rank_slice
+from . import pam  # noqa: F401 - registers the "pam-sgd" optimiser
 from .objectives import JacobianObjective, MultiLayerObjective, Objective, SAEObjective, fold_scale, fold_transcoder_scales
 from .sources import ActivationReader, DiskSource, IteratorSource, LiveSource, pack_texts, save_activations, token_mask
 from .statistics import geometric_median
+from .pam import PAMObjective, PAMSettings, pam_fit
 from .trainer import LocalSync, Trainer, TrainEntry, TrainSettings, pick_device, register_optimizer
 
 __all__ = [
@@ -15,5 +17,5 @@ __all__ = [
     "ActivationReader", "DiskSource", "IteratorSource", "LiveSource", "save_activations", "pack_texts",
     "token_mask", "DistributedTrainer", "distributed_context", "rank_slice", "Trainer", "TrainEntry", "TrainSettings",
     "fold_scale", "fold_transcoder_scales", "geometric_median", "pick_device", "register_optimizer", "LocalSync",
-    "Objective", "SAEObjective", "MultiLayerObjective", "JacobianObjective",
+    "Objective", "SAEObjective", "MultiLayerObjective", "JacobianObjective", "PAMObjective", "PAMSettings", "pam_fit",
 ]

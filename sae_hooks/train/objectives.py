@@ -81,6 +81,13 @@ class Objective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def tensor_state(self) -> dict[str, Tensor]:
+        """Tensors of the objective's own state besides the module's (checkpointed; e.g. PAM-SGD's statistics)."""
+        return {}
+
+    def load_tensor_state(self, tensors: dict[str, Tensor]) -> None:
+        pass
+
     def final(self, settings: Any, state: Any, metadata: dict[str, Any]) -> Any:
         """The trained model to save (has ``.save(path)``), with ``metadata`` under ``"training"``."""
         raise NotImplementedError

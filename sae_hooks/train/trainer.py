@@ -46,14 +46,26 @@ INPUT_SCALINGS = ("scale", "none")
 
 #: name -> ``factory(params, settings) -> torch.optim.Optimizer``; :func:`register_optimizer` adds one.
 OPTIMIZERS: dict[str, Callable[[list[Tensor], TrainSettings], torch.optim.Optimizer]] = {}
+#: name -> ``objective(sae, site, site_out, optimizer_settings) -> Objective`` for optimisers with per-batch
+#: work of their own (PAM-SGD's closed-form decoder steps, :mod:`.pam`).
+OPTIMIZER_OBJECTIVES: dict[str, Callable[..., Objective]] = {}
 
 
-def register_optimizer(name: str, factory: Callable[..., torch.optim.Optimizer], *, replace: bool = False) -> None:
+def register_optimizer(
+    name: str, factory: Callable[..., torch.optim.Optimizer], *, replace: bool = False,
+    objective: Callable[..., Objective] | None = None,
+) -> None:
     """Make ``TrainSettings(optimizer=name)`` build ``factory(params, settings)``. The trainer sets each
-    param group's ``"lr"`` from the schedule before every step and calls ``optimizer.step()``."""
+    param group's ``"lr"`` from the schedule before every step and calls ``optimizer.step()``. An optimiser
+    that needs more than gradients (a closed-form step, its own state) also gives ``objective``, which
+    builds the entry's objective for an SAE from ``(sae, site, site_out, settings.optimizer_settings)``."""
     if name in OPTIMIZERS and not replace:
         raise ConfigError(f"optimizer {name!r} is already registered; pass replace=True to replace it")
     OPTIMIZERS[name] = factory
+    if objective is not None:
+        OPTIMIZER_OBJECTIVES[name] = objective
+    else:
+        OPTIMIZER_OBJECTIVES.pop(name, None)
 
 
 def adam_impl(params: list[Tensor]) -> dict[str, bool]:
@@ -101,7 +113,8 @@ class TrainSettings:
         init_batches: how many first batches the data statistics (input scale, ``b_dec``, MSE scale)
             come from; training on them starts once they are all in (:mod:`.statistics`).
         seed: initialises the weights.
-        optimizer: a name registered with :func:`register_optimizer`.
+        optimizer: a name registered with :func:`register_optimizer` (``adam``, ``pam-sgd``).
+        optimizer_settings: the optimiser's own settings (``pam-sgd``: :class:`~.pam.PAMSettings` keys).
         arch: the architecture's own settings (a dict or its :class:`~sae_hooks.saes.training.ArchSettings`),
             checked against its keys, e.g. ``{"l1_coefficient": 2.0}`` for ``relu``, ``{"aux_k": 128}`` for ``topk``.
     """
@@ -124,6 +137,7 @@ class TrainSettings:
     seed: int = 0
     optimizer: str = "adam"
     arch: dict[str, Any] = field(default_factory=dict)
+    optimizer_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -139,6 +153,10 @@ class TrainSettings:
             raise ConfigError(f"init_batches must be a positive integer, got {self.init_batches!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; registered: {sorted(OPTIMIZERS)}")
+        if not isinstance(self.optimizer_settings, dict):
+            raise ConfigError(f"TrainSettings.optimizer_settings must be a dict, got {type(self.optimizer_settings).__name__}")
+        if self.optimizer_settings and self.optimizer not in OPTIMIZER_OBJECTIVES:
+            raise ConfigError(f"optimizer {self.optimizer!r} takes no optimizer_settings, got {sorted(self.optimizer_settings)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -220,15 +238,17 @@ class TrainEntry:
         *,
         objective: Objective | None = None,
     ):
+        settings = settings or TrainSettings()
         if objective is None:
             if sae is None:
                 raise ConfigError(f"entry {name!r}: give the model to train (an SAE, MLSAE or Jacobian pair) or objective=")
-            objective = make_objective(sae, site, site_out)
+            special = OPTIMIZER_OBJECTIVES.get(settings.optimizer)
+            objective = special(sae, site, site_out, settings.optimizer_settings) if special else make_objective(sae, site, site_out)
         elif sae is not None or site is not None or site_out is not None:
             raise ConfigError(f"entry {name!r}: with objective= the sites and model come from the objective")
         self.name = name
         self.objective = objective
-        self.settings = settings or TrainSettings()
+        self.settings = settings
         if device is not None:
             objective.module.to(device)
         self.arch_settings = objective.spec.settings.from_dict(self.settings.arch)
@@ -399,6 +419,7 @@ class TrainEntry:
                     scalars.setdefault(str(idx), {})[key] = value
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
         tensors["dead"] = self.tokens_since_fired.cpu()
+        tensors.update({f"objective.{k}": v.detach().contiguous().cpu() for k, v in self.objective.tensor_state().items()})
         for i, b in enumerate(self.pending):
             tensors.update({f"pending.{i}.{site}": t.detach().contiguous().cpu() for site, t in b.items()})
         meta = {
@@ -420,6 +441,7 @@ class TrainEntry:
         self.arch_settings = self.objective.spec.settings.from_dict(self.settings.arch)
         self.state = EntryState(**meta["state"])
         self.objective.load_state_dict(meta["objective"])
+        self.objective.load_tensor_state({k[len("objective."):]: v for k, v in tensors.items() if k.startswith("objective.")})
         dev = self.device
         self.objective.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         om = meta["optimizer"]

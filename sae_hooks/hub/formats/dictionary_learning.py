@@ -18,8 +18,8 @@ dict_class                        tensors (``nn.Linear`` weights are transposed 
 ``AutoEncoderTopK``               ``encoder.*``, ``decoder.weight``, ``b_dec``, buffers ``k``,        topk, x - b_dec
                                   ``threshold``
 ``BatchTopKSAE``                  same as TopK; inference uses the scalar ``threshold``               batchtopk, x - b_dec
-``MatryoshkaBatchTopKSAE``        ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``k``, ``threshold``,   batchtopk, x - b_dec
-                                  ``group_sizes``
+``MatryoshkaBatchTopKSAE``        ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``k``, ``threshold``,   matryoshka, x - b_dec
+                                  ``group_sizes`` (-> cumulative ``matryoshka_widths``)
 ================================  =================================================================  ==============
 
 The hook is ``blocks.{trainer.layer}.hook_resid_post`` (the SAEBench convention SAELens also assumes) unless
@@ -38,6 +38,7 @@ import torch
 from ...config import SAEConfig
 from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
+from ...saes.matryoshka import widths_from_group_sizes
 from ..._files import expect_object, read_json
 from ._common import (
     LoadOptions, build, check_shape, file_dtype, float_state, get, make_site, positive_int, t_, tensor, torch_load_weights,
@@ -55,7 +56,7 @@ DICT_CLASSES: dict[str, tuple[str, bool]] = {
     "JumpReluAutoEncoder": ("jumprelu", False),
     "AutoEncoderTopK": ("topk", True),
     "BatchTopKSAE": ("batchtopk", True),
-    "MatryoshkaBatchTopKSAE": ("batchtopk", True),
+    "MatryoshkaBatchTopKSAE": ("matryoshka", True),
 }
 
 
@@ -171,7 +172,13 @@ def load(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
     if c["dict_size"] is not None and c["dict_size"] != d_sae:
         raise SAEFormatError(f"{wsrc}: weights have {d_sae} latents but {CONFIG} says dict_size={c['dict_size']}")
     k = None
-    if arch in ("topk", "batchtopk"):
+    widths = None
+    if arch == "matryoshka":
+        sizes = raw.get("group_sizes")
+        if not isinstance(sizes, torch.Tensor) or sizes.dim() != 1 or int(sizes.sum()) != d_sae or bool((sizes <= 0).any()):
+            raise SAEFormatError(f"{wsrc}: MatryoshkaBatchTopKSAE needs a 'group_sizes' buffer of positive sizes summing to {d_sae}")
+        widths = widths_from_group_sizes(sizes.tolist())
+    if arch in ("topk", "batchtopk", "matryoshka"):
         k_buf = raw.get("k")
         k = int(k_buf.item()) if isinstance(k_buf, torch.Tensor) and k_buf.numel() == 1 else c["k"]
         if k is None:
@@ -187,6 +194,7 @@ def load(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
         k=k,
         dtype=file_dtype(state, "W_enc"),
         apply_b_dec_to_input=apply_b_dec,
+        matryoshka_widths=widths,
         sites=[make_site(hook, None, model)] if hook else [],
         model_name=model,
         metadata={"source_format": NAME, "dict_class": c["dict_class"],

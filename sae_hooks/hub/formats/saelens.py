@@ -6,7 +6,7 @@ transcoders: transposed here to our ``(d_in, d_out)``).
 
 Numerics folded at load so that our plain forward pass reproduces SAELens's:
 
-* ``topk`` with ``rescale_acts_by_decoder_norm``: SAELens computes ``pre * ||W_dec[i]||`` and decodes
+* ``topk`` (and ``batchtopk``/``matryoshka_batchtopk`` training checkpoints) with ``rescale_acts_by_decoder_norm``: SAELens computes ``pre * ||W_dec[i]||`` and decodes
   ``acts / ||W_dec[i]||``; with ``n = ||W_dec[i]||`` we store ``W_enc * n``, ``b_enc * n``, ``W_dec / n``: the same
   latents and the same reconstruction, with no per-call norm.
 * ``normalize_activations``: ``none``; ``layer_norm`` -> our ``standardize`` (SAELens: ``(x - mean) / (std + 1e-5)``,
@@ -18,7 +18,8 @@ Numerics folded at load so that our plain forward pass reproduces SAELens's:
 * ``log_threshold`` -> ``threshold = exp(log_threshold)``; a ``scaling_factor`` tensor that is all ones is dropped,
   another one is folded into ``W_dec`` (``(f * s) @ W_dec == f @ (s[:, None] * W_dec)``, pre-v6 fine-tuning).
 * BatchTopK / Matryoshka SAEs are saved by SAELens as ``jumprelu`` (a per-latent threshold) and load as such; a
-  training checkpoint (``batchtopk`` with a scalar ``topk_threshold``) loads as our ``batchtopk``.
+  training checkpoint (``batchtopk`` with a scalar ``topk_threshold``) loads as our ``batchtopk``
+  (``matryoshka_batchtopk``: our ``matryoshka`` with its ``matryoshka_widths``).
 * Pre-6 configs (no ``sae_lens_version`` >= 6): ``hook_point`` -> ``hook_name``, ``activation_fn(_str)`` ``topk``
   with ``activation_fn_kwargs.k`` -> ``topk``, boolean ``normalize_activations``, ``apply_b_dec_to_input`` default
   True, ``hook_z`` in the hook name -> ``reshape="hook_z"`` (SAELens's ``handle_pre_6_0_config``).
@@ -49,7 +50,7 @@ ARCHITECTURES: dict[str, tuple[str, bool, bool]] = {
     "jumprelu": ("jumprelu", False, False),
     "gated": ("gated", False, False),
     "batchtopk": ("batchtopk", False, False),
-    "matryoshka_batchtopk": ("batchtopk", False, False),
+    "matryoshka_batchtopk": ("matryoshka", False, False),
     "transcoder": ("relu", False, True),
     "skip_transcoder": ("relu", True, True),
     "jumprelu_transcoder": ("jumprelu", False, True),
@@ -148,7 +149,7 @@ def read_config(raw: dict[str, Any], source: str = CONFIG, opts: LoadOptions | N
     d_sae = positive_int(data, "d_sae", source)
     d_out = positive_int(data, "d_out", source, None) if transcoder else None
     k = None
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         k_raw = get(data, "k", (int, float), source, 100)
         if isinstance(k_raw, float):
             if not k_raw.is_integer():
@@ -171,6 +172,11 @@ def read_config(raw: dict[str, Any], source: str = CONFIG, opts: LoadOptions | N
     hook_out = opts.hook_out or (meta.get("hook_name_out") if isinstance(meta.get("hook_name_out"), str) else None)
     model = opts.model_name or (meta.get("model_name") if isinstance(meta.get("model_name"), str) else None)
     apply_b_dec = get(data, "apply_b_dec_to_input", bool, source, True) and not transcoder
+    widths = None
+    if arch == "matryoshka":
+        widths = get(data, "matryoshka_widths", list, source, None)
+        if widths is not None and not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+            raise SAEFormatError(f"{source}: matryoshka_widths must be a list of integers, got {widths!r}")
     cfg = SAEConfig(
         architecture=arch,
         d_in=d_in,
@@ -183,6 +189,7 @@ def read_config(raw: dict[str, Any], source: str = CONFIG, opts: LoadOptions | N
         norm_eps=1e-5,
         skip=skip,
         reshape=reshape,
+        matryoshka_widths=widths,
         sites=[make_site(hook, hook_out if transcoder else None, model)] if hook else [],
         model_name=model,
         metadata={"source_format": NAME, "saelens_architecture": arch_name, "saelens": meta},
@@ -215,7 +222,7 @@ def convert_state(state: dict[str, torch.Tensor], cfg: SAEConfig, flags: dict[st
         if not torch.all(s == 1):
             W_dec = tensor(state, "W_dec", source, 2)
             state["W_dec"] = (W_dec.float() * s[:, None]).to(W_dec.dtype)
-    if cfg.architecture == "batchtopk":
+    if cfg.architecture in ("batchtopk", "matryoshka"):
         if "topk_threshold" in state:
             state["threshold"] = state.pop("topk_threshold").reshape(())
         elif "threshold" in state and state["threshold"].dim() == 1:
@@ -223,7 +230,7 @@ def convert_state(state: dict[str, torch.Tensor], cfg: SAEConfig, flags: dict[st
             state["threshold"] = state["threshold"][0].reshape(())
     if cfg.skip and "W_skip" in state:
         state["W_skip"] = t_(tensor(state, "W_skip", source, 2))  # SAELens (d_out, d_in) -> ours (d_in, d_out)
-    if flags.get("rescale_acts_by_decoder_norm") and cfg.architecture == "topk":
+    if flags.get("rescale_acts_by_decoder_norm") and cfg.architecture in ("topk", "batchtopk", "matryoshka"):
         W_dec = tensor(state, "W_dec", source, 2)
         n = W_dec.float().norm(dim=-1)
         safe = torch.where(n > 0, n, torch.ones_like(n))
