@@ -29,6 +29,8 @@ from .functions import (
     SiteIntervention,
     Steering,
 )
+from ..saes.clt import is_clt
+from .clt import add_clt
 from .pair import PairAttachment, add_pair, is_pair
 
 Remover = Callable[[], None]
@@ -171,6 +173,24 @@ class Attachment:
         return f"Attachment(name={self.name!r}, sites={self.sites}, mode={'/'.join(kinds)}, edits={len(self.edits)})"
 
 
+class CLTAttachment(Attachment):
+    """A cross-layer transcoder attached at one input and one output site per layer (``sites`` / ``sites_out``).
+    Latent edits are not supported (yet): they raise rather than doing nothing."""
+
+    @property
+    def edits(self) -> list[LatentEdit | Steering]:
+        raise SAEHooksError("latent edits (ablate/clamp/steer) on a cross-layer transcoder are not supported yet")
+
+    def _latent_index(self, latents: int | Sequence[int] | Tensor) -> Tensor:
+        return self.edits  # raises (ablate, clamp and steer all start here or at edits)
+
+    def steer(self, *args: Any, **kwargs: Any) -> Attachment:
+        return self.edits  # raises
+
+    def __repr__(self) -> str:
+        return f"CLTAttachment(name={self.name!r}, layers={len(self.sites)}, sites_out={self.sites_out})"
+
+
 class SAEManager:
     """Bookkeeping for the SAEs attached to one model, driven by an adapter's :class:`Backend`."""
 
@@ -206,7 +226,8 @@ class SAEManager:
         """Attach ``sae`` at ``site`` (default: the site(s) it was trained on).
 
         Args:
-            sae: the SAE, or a Jacobian SAE pair (see :func:`sae_hooks.intervene.attach_pair`).
+            sae: the SAE, a Jacobian SAE pair (see :func:`sae_hooks.intervene.attach_pair`), or a cross-layer
+                transcoder (:mod:`sae_hooks.intervene.clt`: ``site``/``site_out`` then take one site per layer).
             site: a TransformerLens hook name, module path or ``path:input``, or several (the same
                 SAE at every one, e.g. a multi-layer SAE). Defaults to ``sae.cfg.sites``.
                 ``hook=`` is accepted as an alias.
@@ -236,6 +257,10 @@ class SAEManager:
                 raise TypeError("a Jacobian pair attaches at its own sites (pair.cfg.hook_in / hook_out); "
                                 "site=, site_out= and name= are not accepted")
             return add_pair(self, sae, **common, **pair_options)
+        if is_clt(sae):
+            if pair_options:
+                raise TypeError(f"add_sae() got unexpected keyword argument(s) {sorted(pair_options)}")
+            return add_clt(self, sae, site, site_out, name=name, **common)
         if pair_options:
             raise TypeError(f"add_sae() got unexpected keyword argument(s) {sorted(pair_options)}")
         if not isinstance(sae, SAE):
@@ -349,7 +374,7 @@ class SAEManager:
             )
         todo = list(positional)
         if listed is not None:
-            todo += [listed] if isinstance(listed, SAE) or is_pair(listed) else list(listed)
+            todo += [listed] if isinstance(listed, SAE) or is_pair(listed) or is_clt(listed) else list(listed)
         if not todo:
             raise TypeError("saes() needs at least one SAE (positional or saes=[...])")
         attached: list[Attachment] = []
@@ -480,7 +505,7 @@ class SAEManager:
             return [key] if key in self.attachments else []
         if isinstance(key, PairAttachment):
             return [a for a in (key.att_in, key.att_out) if a in self.attachments]
-        if isinstance(key, SAE) or is_pair(key):
+        if isinstance(key, SAE) or is_pair(key) or is_clt(key):
             return [a for a in self.attachments if a.sae is key or a.parent is key]
         if not isinstance(key, str):
             raise TypeError(f"remove_sae takes an SAE, an attachment or a site name, got {type(key).__name__}")
