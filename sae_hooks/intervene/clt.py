@@ -48,6 +48,7 @@ def add_clt(
     splice: bool = True,
     detach_error: bool = True,
     name: str | None = None,
+    attachment_cls: type | None = None,
     **options: Any,
 ) -> Any:
     """Attach ``clt`` through ``manager`` (what ``model.add_sae(clt, ...)`` does); returns its attachment.
@@ -56,9 +57,8 @@ def add_clt(
         site / site_out: one input / output site per layer (default: the CLT's ``hooks_in`` / ``hooks_out``, or
             its module paths where the hook names do not resolve on this model).
         error_term, splice, detach_error, name: as in ``add_sae`` (``splice`` is all or nothing here).
+        attachment_cls: the manager's ``CLTAttachment`` (passed in: this module may not import the manager).
     """
-    from .manager import CLTAttachment
-
     unsupported = sorted(k for k, v in options.items() if v not in (None, False))
     if unsupported:
         raise TypeError(f"a cross-layer transcoder does not support {unsupported} (yet)")
@@ -81,7 +81,9 @@ def add_clt(
     for s in sites_out:
         _check(manager, s, clt.d_out, "writes")
 
-    att = CLTAttachment(manager, clt, sites_in, name or manager._default_name(sites_out[0]), [], sites_out=sites_out)
+    if attachment_cls is None:
+        raise TypeError("add_clt needs attachment_cls= (the manager passes its CLTAttachment); use model.add_sae(clt)")
+    att = attachment_cls(manager, clt, sites_in, name or manager._default_name(sites_out[0]), [], sites_out=sites_out)
     state: dict[str, Any] = {"acts": [None] * n, "x": [None] * n}
 
     def make_in(i: int, record: Any):  # noqa: ANN202

@@ -38,7 +38,7 @@ def test_sites_per_layout(tmp_path):
     assert ct.hooks_in == [f"blocks.{i}.hook_resid_mid" for i in range(3)]  # load_clt's defaults
     assert ct.hooks_out == [f"blocks.{i}.hook_mlp_out" for i in range(3)]
     gs = load_clt(ROOT / FIX["gemma_scope_2_affine"]["folder"], model_name="google/gemma-3-1b-pt")
-    assert gs.hooks_in[1] == "blocks.1.ln2.hook_normalized" and gs.W_skip is not None
+    assert gs.hooks_in[1] == "blocks.1.ln2.hook_out" and gs.W_skip is not None
     assert gs.modules_in[1] == "model.layers.1.pre_feedforward_layernorm"
     assert gs.modules_out[1] == "model.layers.1.post_feedforward_layernorm"
     # config.yaml beside circuit-tracer files sets the hooks

@@ -102,7 +102,7 @@ def test_gemma_scope_2_all_folders_are_reachable():
     row = att.sae_rows()[0]
     assert row["path"].startswith("attn_out/") and row["hook"] == f"blocks.{row['layer']}.attn.hook_z"
     tc = R.get_release("gemma-scope-2-4b-pt-transcoders").sae_rows()[0]
-    assert (tc["hook"], tc["hook_out"]) == (f"blocks.{tc['layer']}.ln2.hook_normalized",
+    assert (tc["hook"], tc["hook_out"]) == (f"blocks.{tc['layer']}.ln2.hook_out",
                                             f"blocks.{tc['layer']}.hook_mlp_out")
 
 

@@ -10,7 +10,8 @@
 * ``gemma_scope_2`` (Gemma Scope 2 ``clt/<width>/params_layer_{i}.safetensors``, the keys circuit-tracer's
   ``load_gemma_scope_2_clt`` reads): ``w_enc (d_in, d_sae)``, ``w_dec (d_sae, n_layers, d_in)`` (only the slices
   ``j >= i`` are used), ``b_enc``, ``b_dec``, ``threshold`` and optionally ``affine_skip_connection (d_in, d_in)``
-  (``x @ A``). Sites: the MLP input after its pre-norm (``ln2.hook_normalized``, as our Gemma Scope 2 transcoders)
+  (``x @ A``). Sites: the MLP input after its pre-norm (``ln2.hook_out``: ``pre_feedforward_layernorm``'s output, as our Gemma Scope 2
+  transcoders)
   -> ``hook_mlp_out``.
 """
 
@@ -120,7 +121,7 @@ def _gemma_scope_2(folder: Path) -> dict:
         raise SAEFormatError(f"{folder}: affine_skip_connection present in {len(skip)} of {n} files")
     return dict(W_enc=torch.stack(W_enc), b_enc=torch.stack(b_enc), b_dec=torch.stack(b_dec), W_dec=W_dec,
                 threshold=torch.stack(thr), W_skip=torch.stack(skip) if skip else None,
-                hin="ln2.hook_normalized", hout="hook_mlp_out")
+                hin="ln2.hook_out", hout="hook_mlp_out")
 
 
 def load_clt(
@@ -141,7 +142,7 @@ def load_clt(
         layout: ``"circuit_tracer"`` or ``"gemma_scope_2"`` to skip detection.
         model_name: the model (fills in module paths; for Gemma Scope 2 guessed from a ``gemma-scope-2-*`` path).
         hook_in / hook_out: block-relative TransformerLens names overriding the layout's sites
-            (e.g. ``"ln2.hook_normalized"``); the layer prefix ``blocks.{i}.`` is added.
+            (e.g. ``"ln2.hook_out"``); the layer prefix ``blocks.{i}.`` is added.
     """
     folder = Path(folder)
     if not folder.is_dir():
