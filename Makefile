@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
 	$(VENV)/bin/pip install $(PIP_FLAGS) $(TORCH_SPEC)
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[transformer-lens,nnsight,test]"
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[transformer-lens,nnsight,datasets,test]"
 	touch $@
 
 $(VENV_TL3)/.installed: pyproject.toml
