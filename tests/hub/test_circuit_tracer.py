@@ -28,7 +28,7 @@ def test_matches_circuit_tracer(name):
     layer = f["layer"]
     site = sae.cfg.sites[0]
     assert (site.hook, site.hook_out) == (f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out")
-    assert site.module == f"model.layers.{layer}.mlp:input"  # the MLP's input tensor
+    assert site.module == f"model.layers.{layer}.post_attention_layernorm"  # the MLP's input tensor
     torch.testing.assert_close(sae.encode(g["x"]), g["latents"], atol=ATOL, rtol=0)
     torch.testing.assert_close(sae(g["x"]), g["recon"], atol=ATOL, rtol=0)
 
@@ -55,6 +55,6 @@ def test_release_loads_through_the_hub(hub_server):
     hub_server.create_repo("mwhanna/qwen3-4b-transcoders", {"layer_0.safetensors": data, "layer_1.safetensors": data})
     sae = sae_hooks.load("mwhanna-qwen3-4b-transcoders", "layer_1")
     assert sae.cfg.sites[0].hook == "blocks.1.mlp.hook_in" and sae.cfg.model_name == "Qwen/Qwen3-4B"
-    assert sae.cfg.sites[0].module == "model.layers.1.mlp:input"
+    assert sae.cfg.sites[0].module == "model.layers.1.post_attention_layernorm"
     g = load_file(str(ROOT / "jumprelu" / "golden.safetensors"))
     torch.testing.assert_close(sae.encode(g["x"]), g["latents"], atol=ATOL, rtol=0)

@@ -10,7 +10,7 @@ decides) and ``W_skip (d_model, d_model)`` used as ``x @ W_skip.T`` (ours: its t
 
 Sites: ``config.yaml``'s ``feature_input_hook`` / ``feature_output_hook`` (block-relative TransformerLens names), else
 ``mlp.hook_in`` -> ``hook_mlp_out`` (SAELens's ``mwhanna_transcoder`` convention); the layer is ``N``. ``mlp.hook_in``
-is the MLP's input (module ``model.layers.N.mlp:input``).
+is the MLP's input (``ln2.hook_normalized``'s tensor), so its module path is taken from that name.
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
     hook, hook_out = opts.hook or f"blocks.{layer}.{hin}", opts.hook_out or f"blocks.{layer}.{hout}"
     model = opts.model_name
     site = make_site(hook, hook_out, model)
+    if hook.endswith(".mlp.hook_in") and model:
+        # The MLP's input is ln2.hook_normalized's tensor; take its module path from that name.
+        site.module = make_site(hook[: -len("mlp.hook_in")] + "ln2.hook_normalized", None, model).module
     cfg = SAEConfig(
         architecture=arch,
         d_in=d_in,
