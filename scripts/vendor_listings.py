@@ -5,6 +5,12 @@ drift from the listings; re-run this script to refresh them::
 
     python scripts/vendor_listings.py PATH/TO/pretrained_saes.yaml --source "jbloomAus/SAELens@<commit> (tag)"
 
+``saelens_newer.json.gz`` (Gemma Scope 2, Qwen Scope, Goodfire) came from the ``pretrained_saes.yaml`` shipped in the
+PyPI package ``sae-lens==6.54.12``::
+
+    python scripts/vendor_listings.py .../site-packages/sae_lens/pretrained_saes.yaml --source "sae-lens 6.54.12 (PyPI)" \
+        --conversions gemma_3 qwen_scope goodfire --out sae_hooks/hub/listings/saelens_newer.json.gz
+
 Kept per release: ``repo_id``, ``model``, ``conversion_func``, ``config_overrides``; per SAE: ``id``, ``path``
 (omitted when equal to ``id``) and ``norm_scaling_factor``. Written as deterministic gzip (mtime 0, sorted keys).
 """
@@ -43,9 +49,12 @@ def main() -> None:
     ap.add_argument("yaml_path")
     ap.add_argument("--source", required=True, help="where the yaml came from (repo@commit)")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--conversions", nargs="*", help="keep only releases with these conversion_func values")
     a = ap.parse_args()
-    data = {"source": a.source, "file": "sae_lens/pretrained_saes.yaml",
-            "releases": trim(yaml.safe_load(Path(a.yaml_path).read_text()))}
+    raw = yaml.safe_load(Path(a.yaml_path).read_text())
+    if a.conversions:
+        raw = {k: v for k, v in raw.items() if v.get("conversion_func") in a.conversions}
+    data = {"source": a.source, "file": "sae_lens/pretrained_saes.yaml", "releases": trim(raw)}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:

@@ -34,8 +34,9 @@ from .releases import SAEIdNotFoundError
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONFIG_NAMES = ("cfg.json", "config.json", "hyperparams.json")
 _CONVENTION_FORMATS = {"llama_scope", "lm_saes"}
-_FILE_FORMATS = {"openai", "circuit_tracer", "connor_rob_hook_z"}  # the sae_id names a file, not a folder
+_FILE_FORMATS = {"openai", "circuit_tracer", "connor_rob_hook_z", "qwen_scope", "goodfire"}  # the sae_id names a file, not a folder
 _ct_file = re.compile(r"^layer_\d+\.safetensors$")
+_goodfire_pth = re.compile(r"^.+-SAE-l\d+\.pth$")  # Goodfire's .pth files are SAEs too
 
 
 class UnknownSourceError(SAEHooksError, FileNotFoundError):
@@ -173,7 +174,8 @@ def list_sae_ids(files: list[str]) -> list[str]:
     for d, names in by_dir.items():
         if any(c in names for c in _CONFIG_NAMES) or d.rsplit("/", 1)[-1] == "checkpoints":
             continue
-        ids += [f"{d}/{n}" if d else n for n in names if (n.endswith(".pt") and n != "ae.pt") or _ct_file.match(n)]
+        ids += [f"{d}/{n}" if d else n for n in names
+                if (n.endswith(".pt") and n != "ae.pt") or _ct_file.match(n) or _goodfire_pth.match(n)]
     return sorted(set(ids), key=_natural)
 
 

@@ -32,6 +32,7 @@ _LAYER_RES = (
     re.compile(r"resid_post_layer_(\d+)"),
     re.compile(r"(?:^|/)layers\.(\d+)(?:\.|$)"),
     re.compile(r"^(\d+)$"),
+    re.compile(r"^layer(\d+)(?:\.sae\.pt)?$"),  # Qwen Scope
 )
 _TL_HOOK = re.compile(r"^blocks\.\d+\.(?:hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_out|hook_attn_out|"
                       r"attn\.hook_z|mlp\.hook_post)$")
@@ -127,6 +128,8 @@ class Release:
             return (f"blocks.{m.group(1)}.hook_resid_post", None) if m else (None, None)
         if conv == "connor_rob_hook_z" and layer is not None:
             return f"blocks.{layer}.attn.hook_z", None
+        if conv in ("qwen_scope", "goodfire") and layer is not None:
+            return f"blocks.{layer}.hook_resid_post", None
         if conv is None and _TL_HOOK.match(sae.id):
             return sae.id, None
         return None, None

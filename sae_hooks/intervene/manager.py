@@ -30,6 +30,8 @@ from .functions import (
     SiteIntervention,
     Steering,
 )
+from ..saes.clt import is_clt
+from .clt import add_clt
 from .pair import PairAttachment, add_pair, is_pair
 
 Remover = Callable[[], None]
@@ -184,6 +186,24 @@ class Attachment:
         return f"Attachment(name={self.name!r}, sites={self.sites}, mode={'/'.join(kinds)}, edits={len(self.edits)})"
 
 
+class CLTAttachment(Attachment):
+    """A cross-layer transcoder attached at one input and one output site per layer (``sites`` / ``sites_out``).
+    Latent edits are not supported (yet): they raise rather than doing nothing."""
+
+    @property
+    def edits(self) -> list[LatentEdit | Steering]:
+        raise SAEHooksError("latent edits (ablate/clamp/steer) on a cross-layer transcoder are not supported yet")
+
+    def _latent_index(self, latents: int | Sequence[int] | Tensor) -> Tensor:
+        return self.edits  # raises (ablate, clamp and steer all start here or at edits)
+
+    def steer(self, *args: Any, **kwargs: Any) -> Attachment:
+        return self.edits  # raises
+
+    def __repr__(self) -> str:
+        return f"CLTAttachment(name={self.name!r}, layers={len(self.sites)}, sites_out={self.sites_out})"
+
+
 class SAEManager:
     """Bookkeeping for the SAEs attached to one model, driven by an adapter's :class:`Backend`."""
 
@@ -220,7 +240,8 @@ class SAEManager:
         """Attach ``sae`` at ``site`` (default: the site(s) it was trained on).
 
         Args:
-            sae: the SAE, or a Jacobian SAE pair (see :func:`sae_hooks.intervene.attach_pair`).
+            sae: the SAE, a Jacobian SAE pair (see :func:`sae_hooks.intervene.attach_pair`), or a cross-layer
+                transcoder (:mod:`sae_hooks.intervene.clt`: ``site``/``site_out`` then take one site per layer).
             site: a TransformerLens hook name, module path or ``path:input``, or several (the same
                 SAE at every one, e.g. a multi-layer SAE). Defaults to ``sae.cfg.sites``.
                 ``hook=`` is accepted as an alias.
@@ -250,6 +271,10 @@ class SAEManager:
                 raise TypeError("a Jacobian pair attaches at its own sites (pair.cfg.hook_in / hook_out); "
                                 "site=, site_out= and name= are not accepted")
             return add_pair(self, sae, **common, **pair_options)
+        if is_clt(sae):
+            if pair_options:
+                raise TypeError(f"add_sae() got unexpected keyword argument(s) {sorted(pair_options)}")
+            return add_clt(self, sae, site, site_out, name=name, attachment_cls=CLTAttachment, **common)
         if pair_options:
             raise TypeError(f"add_sae() got unexpected keyword argument(s) {sorted(pair_options)}")
         parent = None
@@ -549,7 +574,7 @@ class SAEManager:
             return [a for a in (key.att_in, key.att_out) if a in self.attachments]
         if not isinstance(key, str):
             found = [a for a in self.attachments if a.sae is key or a.parent is key]
-            if found or isinstance(key, SAE) or is_pair(key):
+            if found or isinstance(key, SAE) or is_pair(key) or is_clt(key):
                 return found
             raise TypeError(f"remove_sae takes an SAE, an attachment or a site name, got {type(key).__name__}")
         named = [a for a in self.attachments if a.name == key]

@@ -66,7 +66,9 @@ def test_gemma_scope_2_transcoder_without_config_reads_normalised_mlp_input(tmp_
     folder, _ = gs2_folder(tmp_path / "gemma-scope-2-1b-pt", "transcoder/layer_3_width_16k_l0_big")
     sae = sae_hooks.load(folder, model_name="google/gemma-3-1b-pt")
     site = sae.cfg.sites[0]
-    assert (site.hook, site.hook_out) == ("blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out")
+    # config.json's pre_feedforward_layernorm.output is after the norm's scale: ln2.hook_out (hook_normalized is the
+    # pre-affine tensor in the site layer)
+    assert (site.hook, site.hook_out) == ("blocks.3.ln2.hook_out", "blocks.3.hook_mlp_out")
     assert (site.module, site.module_out) == ("model.layers.3.pre_feedforward_layernorm",
                                               "model.layers.3.post_feedforward_layernorm")
 

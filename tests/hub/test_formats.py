@@ -148,8 +148,9 @@ def test_gemma_scope_2_affine_transcoder(tmp_path):
     sae = sae_hooks.load(folder)
     assert sae.cfg.metadata["source_format"] == "gemma_scope_2" and sae.cfg.skip
     site = sae.cfg.sites[0]
-    # The input is what config.json names: the MLP's normalised input (issue 13 defect 2; was hook_mlp_in).
-    assert (site.hook, site.hook_out) == ("blocks.5.ln2.hook_normalized", "blocks.5.hook_mlp_out")
+    # The input is what config.json names: the MLP's normalised input after the norm's scale (issue 13 defect 2; was
+    # hook_mlp_in): ln2.hook_out, since the site layer made ln2.hook_normalized the pre-affine tensor.
+    assert (site.hook, site.hook_out) == ("blocks.5.ln2.hook_out", "blocks.5.hook_mlp_out")
     assert (site.module, site.module_out) == ("model.layers.5.pre_feedforward_layernorm",
                                               "model.layers.5.post_feedforward_layernorm")
     assert sae.cfg.model_name == "google/gemma-3-1b-pt"

@@ -49,7 +49,7 @@ def test_every_listed_release_matches_its_listing(name):
     # Layers: exactly the set the listing's ids/paths name.
     expect = set()
     for s in lst.saes:
-        nums = re.findall(r"(?:layer_|blocks\.|^l|/L|^L|layers\.)(\d+)", s.id + " " + s.path)
+        nums = re.findall(r"(?:layer_|blocks\.|^l|/L|^L|layers\.|^layer)(\d+)", s.id + " " + s.path)
         if nums:
             expect.add(int(nums[0]))
     assert set(rel.layers) == expect
@@ -102,7 +102,7 @@ def test_gemma_scope_2_all_folders_are_reachable():
     row = att.sae_rows()[0]
     assert row["path"].startswith("attn_out/") and row["hook"] == f"blocks.{row['layer']}.attn.hook_z"
     tc = R.get_release("gemma-scope-2-4b-pt-transcoders").sae_rows()[0]
-    assert (tc["hook"], tc["hook_out"]) == (f"blocks.{tc['layer']}.ln2.hook_normalized",
+    assert (tc["hook"], tc["hook_out"]) == (f"blocks.{tc['layer']}.ln2.hook_out",
                                             f"blocks.{tc['layer']}.hook_mlp_out")
 
 
@@ -185,3 +185,28 @@ def test_listing_yaml_round_trip_matches_vendor_script(tmp_path):
     assert data["releases"]["rel"]["saes"] == [
         {"id": "blocks.1.hook_resid_pre", "path": "1-res", "norm_scaling_factor": 0.5},
         {"id": "blocks.2.hook_resid_pre"}]
+
+
+def test_newer_snapshot_covers_gemma_scope_2_qwen_scope_goodfire():
+    # saelens_newer.json.gz: sae-lens 6.54.12's yaml, releases with conversion gemma_3 / qwen_scope / goodfire.
+    import gzip
+    import json
+    from pathlib import Path
+
+    import sae_hooks.hub.listings as L
+
+    raw = json.loads(gzip.open(Path(L.__file__).with_name("saelens_newer.json.gz"), "rt").read())["releases"]
+    convs = [r["conversion_func"] for r in raw.values()]
+    assert (convs.count("gemma_3"), convs.count("qwen_scope"), convs.count("goodfire")) == (75, 14, 2)
+    assert sum(len(r["saes"]) for r in raw.values()) == 9330
+    sizes = {n.split("-")[3] for n in raw if n.startswith("gemma-scope-2-")}
+    assert sizes == {"270m", "1b", "4b", "12b", "27b"}
+    q = R.get_release("qwen-scope-3-1.7b-base-w32k-l50")
+    assert q.format == "qwen_scope" and q.model == "Qwen/Qwen3-1.7B-Base" and q.layers == list(range(28))
+    assert q.resolve("layer7").path == "layer7.sae.pt"
+    row = next(r for r in q.sae_rows() if r["sae_id"] == "layer7")
+    assert row["hook"] == "blocks.7.hook_resid_post"
+    g = R.get_release("goodfire-llama-3.3-70b-instruct")
+    assert g.format == "goodfire" and g.layers == [50] and g.resolve("layer_50").path == "Llama-3.3-70B-Instruct-SAE-l50.pt"
+    clt = R.get_release("gemma-scope-2-1b-pt-res-all")
+    assert clt.layers == list(range(26))

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...saes import SAE
-from . import circuit_tracer, connor_rob_hook_z, dictionary_learning, gemma_scope, llama_scope, lm_saes, mlsae, native, openai, saelens, sparsify
+from . import (
+    circuit_tracer, connor_rob_hook_z, dictionary_learning, gemma_scope, goodfire, llama_scope, lm_saes, mlsae, native, openai,
+    qwen_scope, saelens, sparsify,
+)
 from ._common import LoadOptions
 
 
@@ -54,12 +57,15 @@ FORMATS: list[Format] = [
            "one <name>.pt + <name>_cfg.json (attention-output SAEs)"),
     Format(circuit_tracer.NAME, circuit_tracer.detect, circuit_tracer.needed, circuit_tracer.load,
            "one layer_N.safetensors file (+ optional config.yaml)"),
+    Format(qwen_scope.NAME, qwen_scope.detect, qwen_scope.needed, qwen_scope.load, "one layer<N>.sae.pt file (Qwen Scope)"),
+    Format(goodfire.NAME, goodfire.detect, goodfire.needed, goodfire.load, "one <model>-SAE-l<N>.pt or .pth file (Goodfire)"),
 ]
 
 BY_NAME: dict[str, Format] = {f.name: f for f in FORMATS}
 ALIASES = {"native": "sae_hooks", "sae_lens": "saelens", "gemma_scope_1": "gemma_scope", "gemma-scope": "gemma_scope",
            "eleuther": "sparsify", "dictionary-learning": "dictionary_learning", "llama-scope": "llama_scope",
            "llamascopium": "lm_saes", "lm-saes": "lm_saes",
-           "circuit-tracer": "circuit_tracer", "mwhanna_transcoder": "circuit_tracer"}
+           "circuit-tracer": "circuit_tracer", "mwhanna_transcoder": "circuit_tracer",
+           "qwen-scope": "qwen_scope"}
 
 __all__ = ["FORMATS", "BY_NAME", "ALIASES", "Format", "LoadOptions"]

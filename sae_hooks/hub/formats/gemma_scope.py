@@ -139,12 +139,13 @@ def gemma1_model(where: str) -> str | None:
 
 def gemma2_hooks(where: str, layer: int | None, transcoder: bool) -> tuple[str | None, str | None]:
     """TransformerLens hooks of a Gemma Scope 2 folder. Transcoders read the MLP's *normalised* input
-    (``pre_feedforward_layernorm.output``, as their config.json says: TransformerLens ``ln2.hook_normalized``) and
+    (``pre_feedforward_layernorm.output``, after its scale, as their config.json says: ``ln2.hook_out``; in the site
+    layer ``ln2.hook_normalized`` is the pre-affine tensor) and
     write ``hook_mlp_out``; attention SAEs read the heads' concatenated output (``o_proj`` input, ``attn.hook_z``)."""
     if layer is None:
         return None, None
     if transcoder or re.search(r"(?:^|/)(transcoder|clt)", where):
-        return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+        return f"blocks.{layer}.ln2.hook_out", f"blocks.{layer}.hook_mlp_out"
     if "resid_post" in where:
         return f"blocks.{layer}.hook_resid_post", None
     if "attn_out" in where:
@@ -158,7 +159,7 @@ def gemma2_hooks(where: str, layer: int | None, transcoder: bool) -> tuple[str |
 _HF_TO_TL = (
     (re.compile(r"^model\.layers\.(\d+)\.output$"), "blocks.{}.hook_resid_post"),
     (re.compile(r"^model\.layers\.(\d+)\.self_attn\.o_proj\.input$"), "blocks.{}.attn.hook_z"),
-    (re.compile(r"^model\.layers\.(\d+)\.pre_feedforward_layernorm\.output$"), "blocks.{}.ln2.hook_normalized"),
+    (re.compile(r"^model\.layers\.(\d+)\.pre_feedforward_layernorm\.output$"), "blocks.{}.ln2.hook_out"),
     (re.compile(r"^model\.layers\.(\d+)\.post_feedforward_layernorm\.output$"), "blocks.{}.hook_mlp_out"),
     (re.compile(r"^model\.layers\.(\d+)\.post_attention_layernorm\.output$"), "blocks.{}.hook_attn_out"),
 )

@@ -39,10 +39,16 @@ LOCATIONS = {
 _CONFIG_NAMES = ("cfg.json", "config.json", "hyperparams.json")
 
 
+_QWEN, _GOODFIRE = re.compile(r"^layer\d+\.sae\.pt$"), re.compile(r"^.+-SAE-l\d+\.pt$")
+
+
 def detect(files: list[str]) -> bool:
     """Exactly one ``*.pt`` file (the SAE itself) and no JSON config beside it."""
     pts = [f for f in files if f.endswith(".pt") and "/" not in f]
     # ``ae.pt`` is dictionary_learning's weights file (its config.json is missing), never an OpenAI SAE.
+    # Qwen Scope's layer<N>.sae.pt and Goodfire's <model>-SAE-l<N>.pt are their own formats.
+    if pts and (_QWEN.match(pts[0]) or _GOODFIRE.match(pts[0])):
+        return False
     return (len(pts) == 1 and pts[0] != "ae.pt" and not any(c in files for c in _CONFIG_NAMES)
             and pts[0][: -len(".pt")] + "_cfg.json" not in files)  # <name>_cfg.json: connor_rob_hook_z
 

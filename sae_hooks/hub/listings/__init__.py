@@ -2,7 +2,8 @@
 
 * ``saelens.json.gz``: SAELens's ``sae_lens/pretrained_saes.yaml`` trimmed by ``scripts/vendor_listings.py``
   (release -> repo, model, SAELens conversion, and every SAE's ``id``, repo ``path``, ``norm_scaling_factor``).
-* ``gemma_scope_2.json``: Gemma Scope 2 releases from a newer SAELens listing, transcribed as grids.
+* ``saelens_newer.json.gz``: the same trim of the listing shipped in ``sae-lens==6.54.12`` (PyPI), for the releases
+  the older snapshot lacks: every Gemma Scope 2 release (SAELens conversion ``gemma_3``), Qwen Scope, Goodfire.
 
 :func:`listings` returns ``{release: Listing}``; nothing here touches the network.
 """
@@ -10,7 +11,6 @@
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,36 +40,15 @@ class Listing:
     config_overrides: tuple[tuple[str, Any], ...] = ()
 
 
-def _layers(spec: Any) -> list[int]:
-    if isinstance(spec, str):
-        lo, hi = spec.split("-")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(x) for x in spec]
-
-
-def _expand(grid: dict[str, Any], id_t: str, path_t: str) -> list[ListedSAE]:
-    keys = list(grid)
-    values = [_layers(grid[k]) if k == "layer" else list(grid[k]) for k in keys]
-    out = []
-    for combo in itertools.product(*values):
-        f = dict(zip(keys, combo))
-        out.append(ListedSAE(id=id_t.format(**f), path=path_t.format(**f)))
-    return out
-
-
 @lru_cache(maxsize=1)
 def listings() -> dict[str, Listing]:
     out: dict[str, Listing] = {}
-    with gzip.open(HERE / "saelens.json.gz", "rt") as f:
-        sl = json.load(f)
-    src = f"{sl['source']} {sl['file']}"
-    for name, r in sl["releases"].items():
-        saes = tuple(ListedSAE(s["id"], s.get("path", s["id"]), s.get("norm_scaling_factor")) for s in r["saes"])
-        out[name] = Listing(name, r["repo_id"], r.get("model"), r.get("conversion_func"), saes, src,
-                            tuple(sorted((r.get("config_overrides") or {}).items())))
-    gs2 = json.loads((HERE / "gemma_scope_2.json").read_text())
-    for name, r in gs2["releases"].items():
-        saes = tuple(_expand(r["grid"], r["id"], r["path"]))
-        out[name] = Listing(name, r["repo_id"], r.get("model"), r.get("conversion_func"), saes,
-                            f"{gs2['source']} {gs2['file']} (transcribed grid)")
+    for file in ("saelens.json.gz", "saelens_newer.json.gz"):  # the newer one adds releases (none overlap)
+        with gzip.open(HERE / file, "rt") as f:
+            sl = json.load(f)
+        src = f"{sl['source']} {sl['file']}"
+        for name, r in sl["releases"].items():
+            saes = tuple(ListedSAE(s["id"], s.get("path", s["id"]), s.get("norm_scaling_factor")) for s in r["saes"])
+            out[name] = Listing(name, r["repo_id"], r.get("model"), r.get("conversion_func"), saes, src,
+                                tuple(sorted((r.get("config_overrides") or {}).items())))
     return out
