@@ -43,7 +43,7 @@ def child(F: int, d: int, kind: str, candidates: int, threads: int, baseline: bo
     A, B = dictionaries(F, d, kind)
     out = {"latents": F, "d": d, "kind": kind, "candidates": candidates, "threads": threads}
     if not baseline:
-        from sae_hooks.eval.matching import _unit, assign, top_candidates
+        from sae_hooks.eval.matching import _unit, assign, edge_sims, top_candidates
 
         t0 = time.perf_counter()
         top_candidates(_unit(A), _unit(B), candidates)
@@ -51,8 +51,7 @@ def child(F: int, d: int, kind: str, candidates: int, threads: int, baseline: bo
         t0 = time.perf_counter()
         r, c = assign(A, B, candidates=candidates)
         out["total_s"] = time.perf_counter() - t0
-        An, Bn = _unit(A), _unit(B)
-        cos = (An[r] * Bn[c]).sum(-1)
+        cos = torch.as_tensor(edge_sims(_unit(A), _unit(B), r, c))
         out["pairs"] = len(r)
         out["mean_cos"] = float(cos.mean())
         out["shared_at_0.7"] = float((cos > 0.7).float().mean())
@@ -65,7 +64,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[16384, 32768, 131072])
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--kinds", nargs="+", default=["random", "trained"])
-    ap.add_argument("--candidates", type=int, default=8)
+    ap.add_argument("--candidates", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()

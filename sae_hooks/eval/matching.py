@@ -13,9 +13,9 @@ A dense ``F × F`` cost matrix does not fit at 131k latents (68 GB in float32), 
 2. **Sparse assignment** on the union of those edges:
    ``scipy.sparse.csgraph.min_weight_full_bipartite_matching`` (LAPJVsp, ``maximize=True``).
 3. **Fallback that stays correct** when candidates run short (no full matching on the candidate graph,
-   e.g. many latents competing for the same partners): the graph gets a weak "unmatched" edge
-   ``(i, i)`` for every ``i < min(F_a, F_b)``, so a full matching always exists and uses real edges
-   wherever they pay; the latents left on weak edges are matched among themselves by the same
+   e.g. many latents competing for the same partners): the graph also holds the pairs ``(i, i)`` for
+   every ``i < min(F_a, F_b)`` with their true similarity, so a full matching always exists and every
+   edge counts at its real value; the latents matched through such non-candidate pairs are matched among themselves by the same
    procedure with twice the candidates (down to a dense ``linear_sum_assignment`` on small
    remainders), their candidate edges join the graph, and the assignment is solved once more on that
    union (which has a full matching of real edges).
@@ -47,7 +47,7 @@ def _unit(w: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def top_candidates(A: Tensor, B: Tensor, candidates: int, *, block_elements: int = 2**26,
+def top_candidates(A: Tensor, B: Tensor, candidates: int, *, block_elements: int = 2**24,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Edges ``(rows, cols, sims)`` (numpy, deduplicated): for unit rows ``A (Fa, d)``, ``B (Fb, d)``,
     each row's ``candidates`` best columns and each column's ``candidates`` best rows by ``A @ Bᵀ``,
@@ -74,8 +74,14 @@ def top_candidates(A: Tensor, B: Tensor, candidates: int, *, block_elements: int
     cols = torch.cat([row_idx.reshape(-1), torch.arange(Fb, device=A.device).repeat(c_col)])
     keys = torch.unique(rows * Fb + cols)
     rows, cols = keys // Fb, keys % Fb
-    sims = (A[rows] * B[cols]).sum(-1)  # exact similarities of the kept edges
-    return rows.cpu().numpy(), cols.cpu().numpy(), sims.double().cpu().numpy()
+    return rows.cpu().numpy(), cols.cpu().numpy(), edge_sims(A, B, rows, cols)
+
+
+def edge_sims(A: Tensor, B: Tensor, rows: Any, cols: Any, chunk: int = 2**14) -> np.ndarray:
+    """``(A[rows] * B[cols]).sum(-1)`` as float64 numpy, ``chunk`` edges at a time (bounded memory)."""
+    rows, cols = torch.as_tensor(rows, device=A.device), torch.as_tensor(cols, device=A.device)
+    out = [(A[rows[i : i + chunk]] * B[cols[i : i + chunk]]).sum(-1) for i in range(0, len(rows), chunk)]
+    return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
 
 
 def _dense_assignment(A: Tensor, B: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -96,12 +102,14 @@ def _sparse_assignment(A: Tensor, B: Tensor, candidates: int, block_elements: in
         return _dense_assignment(A, B)
     rows, cols, sims = top_candidates(A, B, candidates, block_elements=block_elements, progress=progress)
     real = rows.astype(np.int64) * Fb + cols
-    # weights > 0 (scipy drops explicit zeros); weak edges (i, i) keep a full matching possible
+    # The pairs (i, i), i < min(Fa, Fb), with their true similarity, keep a full matching possible.
+    # Weights are similarity + 2 > 0 (scipy drops explicit zeros); for full matchings the offset is
+    # a constant, so the assignment maximises the summed similarity over this graph.
     diag = np.arange(n, dtype=np.int64)
-    weak = ~np.isin(diag * Fb + diag, real)
-    r = np.concatenate([rows, diag[weak]])
-    c = np.concatenate([cols, diag[weak]])
-    w = np.concatenate([sims + 2.0, np.full(int(weak.sum()), 1e-6)])
+    extra = ~np.isin(diag * Fb + diag, real)
+    r = np.concatenate([rows, diag[extra]])
+    c = np.concatenate([cols, diag[extra]])
+    w = np.concatenate([sims, edge_sims(A, B, diag[extra], diag[extra])]) + 2.0
     graph = coo_matrix((w, (r, c)), shape=(Fa, Fb)).tocsr()
     if Fa <= Fb:
         mr, mc = np.arange(Fa), _match(graph, Fa)
@@ -110,8 +118,8 @@ def _sparse_assignment(A: Tensor, B: Tensor, candidates: int, block_elements: in
     ok = np.isin(mr.astype(np.int64) * Fb + mc, real)
     if ok.all():
         return mr, mc
-    # Latents left on weak edges (and any nobody took): match them among themselves with more
-    # candidates, then solve once more on the union of both edge sets, which has a full matching.
+    # Latents matched through non-candidate (i, i) pairs (and any nobody took): match them among
+    # themselves with more candidates, then solve once more on the union of both edge sets.
     lr = np.setdiff1d(np.arange(Fa), mr[ok])
     lc = np.setdiff1d(np.arange(Fb), mc[ok])
     At, Bt = A[torch.as_tensor(lr, device=A.device)], B[torch.as_tensor(lc, device=A.device)]
@@ -121,7 +129,7 @@ def _sparse_assignment(A: Tensor, B: Tensor, candidates: int, block_elements: in
     c = np.concatenate([cols, lc[ec], lc[sc]]).astype(np.int64)
     keys = np.unique(r * Fb + c)
     r, c = keys // Fb, keys % Fb
-    w = (A[torch.as_tensor(r, device=A.device)] * B[torch.as_tensor(c, device=A.device)]).sum(-1).double().cpu().numpy() + 2.0
+    w = edge_sims(A, B, r, c) + 2.0
     graph = coo_matrix((w, (r, c)), shape=(Fa, Fb)).tocsr()
     if Fa <= Fb:
         return np.arange(Fa), _match(graph, Fa)
@@ -138,7 +146,7 @@ def _match(graph: Any, n_rows: int) -> np.ndarray:
     return out
 
 
-def assign(A: Tensor, B: Tensor, *, candidates: int = 8, block_elements: int = 2**26, progress: bool = False,
+def assign(A: Tensor, B: Tensor, *, candidates: int = 32, block_elements: int = 2**24, progress: bool = False,
            dense_limit: int = DENSE_LIMIT) -> tuple[np.ndarray, np.ndarray]:
     """A one-to-one matching ``(rows, cols)`` of the rows of ``A (Fa, d)`` and ``B (Fb, d)`` (any
     scale: rows are normalised) maximising the summed cosine similarity; ``min(Fa, Fb)`` pairs.
@@ -201,7 +209,7 @@ def _directions(sae: SAE, which: str) -> Tensor:
 @torch.no_grad()
 def match_latents(
     sae_a: SAE, sae_b: SAE, *, by: str = "decoder", threshold: float = 0.7, shared: str = "both",
-    candidates: int = 8, block_elements: int = 2**26, device: str | torch.device | None = None, progress: bool = False,
+    candidates: int = 32, block_elements: int = 2**24, device: str | torch.device | None = None, progress: bool = False,
     dense_limit: int = DENSE_LIMIT,
 ) -> LatentMatching:
     """Match ``sae_a``'s latents one-to-one to ``sae_b``'s (see the module docstring).
@@ -239,8 +247,8 @@ def match_latents(
     partner[r] = torch.as_tensor(c)
     dcos = torch.full((Fa,), float("nan"))
     ecos = torch.full((Fa,), float("nan"))
-    dcos[r] = (dec_a[rt] * dec_b[ct]).sum(-1).cpu()
-    ecos[r] = (enc_a[rt] * enc_b[ct]).sum(-1).cpu()
+    dcos[r] = torch.as_tensor(edge_sims(dec_a, dec_b, rt, ct), dtype=torch.float32)
+    ecos[r] = torch.as_tensor(edge_sims(enc_a, enc_b, rt, ct), dtype=torch.float32)
     ok = dcos > threshold
     if shared == "both":
         ok &= ecos > threshold

@@ -110,3 +110,20 @@ def test_bad_arguments() -> None:
         match_latents(make_sae("relu", 8, 16), make_sae("relu", 9, 16))
     with pytest.raises(ValueError, match="by must be"):
         match_latents(make_sae("relu", 8, 16), make_sae("relu", 8, 16), by="activations")
+
+
+def test_half_planted_half_random_matches_the_dense_optimum() -> None:
+    """Trained-like: half of B are noisy copies of A's rows, half unrelated. With the default 32
+    candidates the sparse path (3000 latents > the dense limit) reaches the Hungarian optimum."""
+    g = torch.Generator().manual_seed(0)
+    F = 3000
+    A = torch.randn(F, 64, generator=g)
+    perm = torch.randperm(F, generator=g)
+    B = 2.0 * _unit(A)[perm] + 0.05 * torch.randn(F, 64, generator=g)
+    B[: F // 2] = torch.randn(F // 2, 64, generator=g)
+    S, best = _lsa_value(A, B)
+    r, c = assign(A, B)
+    assert S[r, c].sum() == pytest.approx(best, rel=1e-5)
+    partner = torch.full((F,), -1)
+    partner[torch.as_tensor(r)] = torch.as_tensor(c)
+    assert torch.equal(partner[perm[F // 2 :]], torch.arange(F // 2, F))

@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
     p.add_argument("--shared", choices=["both", "decoder"], default="both",
                    help="a pair is shared when these cosines exceed --threshold")
     p.add_argument("--threshold", type=float, default=0.7)
-    p.add_argument("--candidates", type=int, default=8, help="partners kept per latent in the sparse search")
+    p.add_argument("--candidates", type=int, default=32, help="partners kept per latent in the sparse search")
     p.add_argument("--out", help="also save the per-latent matching (partner, cosines, shared) as safetensors")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_compare)
