@@ -174,13 +174,18 @@ class InferenceEncoderMixin:
 
     inference_encoder: EncoderFn
     sparse = False  # the codes are dense tensors
+    #: tokens per solver call: bounds the solver's (tokens, d_sae) working set to ~2^24 floats
+    chunk_elements: int = 2**24
 
     def encode_with_state(self, x: Tensor) -> tuple[Tensor, NormState]:  # type: ignore[override]
         sae: SAE = self  # type: ignore[assignment]
         x = sae.flatten_input(x).to(sae.dtype)
         xn, state = sae.normalize_input(x)
         lead = xn.shape[:-1]
-        codes = self.inference_encoder(sae, xn.reshape(-1, xn.shape[-1]))
+        flat = xn.reshape(-1, xn.shape[-1])
+        step = max(1, self.chunk_elements // sae.cfg.d_sae)
+        codes = torch.cat([self.inference_encoder(sae, flat[i : i + step]) for i in range(0, flat.shape[0], step)]) \
+            if flat.shape[0] else flat.new_zeros(0, sae.cfg.d_sae)
         return codes.reshape(*lead, sae.cfg.d_sae), state
 
     def amortised_encode(self, x: Tensor) -> Tensor:

@@ -105,6 +105,8 @@ def test_with_encoder_keeps_decoder_and_replaces_encode() -> None:
     assert lat.shape == (3, 5, 40) and ((lat != 0).sum(-1) <= 6).all()
     ref = orthogonal_matching_pursuit((x - sae.b_dec).reshape(-1, 16), sae.W_dec, 6).reshape(3, 5, 40)
     torch.testing.assert_close(lat, ref)
+    new.chunk_elements = 2 * 40  # two tokens per solver call: same codes
+    torch.testing.assert_close(new.encode(x), lat)
     torch.testing.assert_close(new(x), lat @ sae.W_dec + sae.b_dec)
     torch.testing.assert_close(new.amortised_encode(x), sae.encode(x))
     # the better encoder reconstructs at least as well as the SAE's own at this budget

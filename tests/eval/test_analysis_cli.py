@@ -56,3 +56,16 @@ def test_cli_mdl_and_amortisation(tmp_path, capsys) -> None:
     assert "| SAE |" in table and "SAE + OMP (k=8)" in table and "ce_loss_score" in table
     assert main(["amortisation", "--synthetic", "--steps", "30", "--json"]) == 0
     assert "SAE + ITO" in capsys.readouterr().out
+
+
+def test_cli_compare_reads_foreign_formats(capsys) -> None:
+    """A SAELens-format SAE (golden fixture written by SAELens) matched with itself: all shared."""
+    from pathlib import Path
+
+    from sae_hooks.app.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "saelens" / "jumprelu"
+    assert main(["compare", str(path), str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    s = json.loads(out[: out.rindex("}") + 1])
+    assert s["shared_fraction"] == 1.0 and s["mean_decoder_cos"] == pytest.approx(1.0, abs=1e-5)
