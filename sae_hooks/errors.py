@@ -53,6 +53,11 @@ class HubUnavailableError(SAEHooksError, ConnectionError):
     """The Hub cannot be used (offline mode, or unreachable) and the local cache lacks what was asked for."""
 
 
+class DegenerateDataError(SAEHooksError, ValueError):
+    """Training data that cannot give a statistic the trainer needs (all zero, constant rows, a scale the
+    training dtype cannot represent); the message names the statistic and the batch."""
+
+
 class UnsafeCheckpointError(SAEFormatError):
     """A pickled checkpoint needs more than ``torch.load(weights_only=True)`` to open."""
 

@@ -33,8 +33,8 @@ def entries(d_model: int, relu_l1: float) -> list[TrainEntry]:
             out.append(TrainEntry(f"topk-{d_sae}-k16-s{seed}", SITE, make_sae("topk", d_model, d_sae, k=16),
                                   TrainSettings(lr=4e-3, warmup_steps=20, seed=seed, dead_tokens=100_000)))
             out.append(TrainEntry(f"relu-{d_sae}-s{seed}", SITE, make_sae("relu", d_model, d_sae),
-                                  TrainSettings(lr=4e-3, warmup_steps=20, seed=seed, l1_coefficient=relu_l1,
-                                                sparsity_warmup_steps=50)))
+                                  TrainSettings(lr=4e-3, warmup_steps=20, seed=seed, sparsity_warmup_steps=50,
+                                                arch={"l1_coefficient": relu_l1})))
     for k in (4, 8, 32):
         out.append(TrainEntry(f"topk-512-k{k}-s0", SITE, make_sae("topk", d_model, 512, k=k),
                               TrainSettings(lr=4e-3, warmup_steps=20, seed=0, dead_tokens=100_000)))

@@ -23,13 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..saes.base import SAE, NormState, to_dense
+from ..saes.base import SAE, to_dense
 from . import solvers
 
 
 def _sae_codes(sae: SAE, x_norm: Tensor) -> Tensor:
     """The SAE's own (amortised) codes for already normalised inputs ``(N, d_in)``."""
-    return to_dense(sae.activate(sae.pre_acts(x_norm)))
+    own = super(InferenceEncoderMixin, sae) if isinstance(sae, InferenceEncoderMixin) else sae
+    return to_dense(own.encode_normalized(x_norm)[0])
 
 
 def _init(sae: SAE, x_norm: Tensor, init: str) -> Tensor | None:
@@ -170,23 +171,25 @@ def _lipschitz(sae: SAE) -> float:
 
 
 class InferenceEncoderMixin:
-    """Replaces ``encode_with_state`` (which ``encode``, ``forward`` and the attach layer all use)."""
+    """Replaces ``encode_normalized`` (which ``encode``, ``forward`` and the attach layer all use)."""
 
     inference_encoder: EncoderFn
     sparse = False  # the codes are dense tensors
     #: tokens per solver call: bounds the solver's (tokens, d_sae) working set to ~2^24 floats
     chunk_elements: int = 2**24
 
-    def encode_with_state(self, x: Tensor) -> tuple[Tensor, NormState]:  # type: ignore[override]
+    def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """``(codes, the SAE's own pre-activations)`` for a normalised input ``(..., d_in)``; ``encode``,
+        ``encode_with_state``, ``forward`` and the attach layer all come through here."""
         sae: SAE = self  # type: ignore[assignment]
-        x = sae.flatten_input(x).to(sae.dtype)
-        xn, state = sae.normalize_input(x)
-        lead = xn.shape[:-1]
-        flat = xn.reshape(-1, xn.shape[-1])
+        if training:
+            raise ConfigError("an SAE with an inference-time encoder is not trained; train the SAE itself")
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
         step = max(1, self.chunk_elements // sae.cfg.d_sae)
         codes = torch.cat([self.inference_encoder(sae, flat[i : i + step]) for i in range(0, flat.shape[0], step)]) \
             if flat.shape[0] else flat.new_zeros(0, sae.cfg.d_sae)
-        return codes.reshape(*lead, sae.cfg.d_sae), state
+        return codes.reshape(*lead, sae.cfg.d_sae), sae.pre_acts(x)
 
     def amortised_encode(self, x: Tensor) -> Tensor:
         """The SAE's own encoder (dense latents), for comparison."""

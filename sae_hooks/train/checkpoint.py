@@ -1,147 +1,58 @@
 """Resumable training checkpoints, written atomically (a crash mid-save leaves the previous one).
 
-A checkpoint folder holds ``trainer.json`` (counters, settings, SAE configs, optimiser hyper-parameters,
-the source position) and ``tensors.safetensors`` (SAE weights, Adam moments and step counts,
-dead-latent counters, the shuffle buffer's rows and generator, the global RNG states). Nothing is
-pickled. Resuming (:func:`load_checkpoint` on a freshly built trainer with the same entry names, and
-the same source recreated) continues the run exactly: on CPU, the weights after resuming equal the
-uninterrupted run's bit for bit.
+A checkpoint folder holds ``trainer.json`` (counters, every entry's settings, objective state and
+optimiser hyper-parameters, the source position) and ``tensors.safetensors`` (weights, optimiser moments
+and step counts, dead-latent counters, first batches held for the statistics, the shuffle buffer's rows
+and generator, the global RNG states). Nothing is pickled. What goes in is the trainer's
+``state_dict(buffer)`` (:meth:`~.trainer.Trainer.state_dict`), so every objective (SAE, transcoder,
+MLSAE, Jacobian pair) checkpoints the same way. Resuming (:func:`load_checkpoint` on a freshly built
+trainer with the same entry names, and the same source recreated) continues the run exactly: on CPU,
+the weights after resuming equal the uninterrupted run's bit for bit.
+
+This module only reads and writes files: it does not import the trainer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 
 from .._atomic import atomic_dir
 from .._files import read_json, read_safetensors
-from ..config import SAEConfig
-from ..errors import ConfigError, SAEFormatError
-from .trainer import EntryState, Trainer, TrainSettings
+from ..errors import SAEFormatError
 
 STATE_FILE = "trainer.json"
 TENSORS_FILE = "tensors.safetensors"
-VERSION = 1
+VERSION = 2
 
 
-def _optimizer_split(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
-        for key, value in st.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{idx}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return {"param_groups": groups, "scalars": scalars, "indices": sorted(sd["state"])}, tensors
-
-
-def _optimizer_join(meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str, device: torch.device) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for idx in meta["indices"]:
-        entry: dict[str, Any] = dict(meta["scalars"].get(str(idx), {}))
-        pre = f"{prefix}.{idx}."
-        for name, t in tensors.items():
-            if name.startswith(pre):
-                key = name[len(pre):]
-                entry[key] = t if key == "step" else t.to(device)
-        state[int(idx)] = entry
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def save_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = None) -> Path:
+def save_checkpoint(trainer: Any, path: str | os.PathLike, buffer: Any = None) -> Path:
     """Write a checkpoint of ``trainer`` (and ``buffer``'s position and rows) to the folder ``path``."""
     path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    entries = {}
-    for e in trainer.entries:
-        for k, v in e.sae.state_dict().items():
-            tensors[f"sae.{e.name}.{k}"] = v.detach().contiguous().cpu()
-        opt_meta, opt_tensors = _optimizer_split(e.optimizer, f"opt.{e.name}")
-        tensors.update(opt_tensors)
-        tensors[f"dead.{e.name}"] = e.tokens_since_fired.cpu()
-        entries[e.name] = {
-            "site": e.site,
-            "site_out": e.site_out,
-            "settings": e.settings.to_dict(),
-            "state": vars(e.state),
-            "sae_cfg": e.sae.cfg.to_dict(),
-            "optimizer": opt_meta,
-        }
-    meta: dict[str, Any] = {
-        "version": VERSION,
-        "step": trainer.step_count,
-        "tokens_seen": trainer.tokens_seen,
-        "entries": entries,
-        "python_random": _jsonable_random_state(),
-    }
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    if buffer is not None:
-        buf_meta, buf_tensors = buffer.state_dict()
-        meta["buffer"] = buf_meta
-        tensors.update({f"buffer.{k}": v for k, v in buf_tensors.items()})
+    meta, tensors = trainer.state_dict(buffer)
+    meta = {"version": VERSION, **meta}
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return path
 
 
-def load_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = None) -> dict[str, Any]:
-    """Restore ``trainer`` (built with the same entry names) and ``buffer`` from ``path``; returns the metadata."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metadata, tensors)`` of a checkpoint folder (typed errors for a missing or foreign folder)."""
     path = Path(path)
     meta = read_json(path / STATE_FILE, f"missing: {path} is not a training checkpoint")
-    tensors = read_safetensors(path / TENSORS_FILE)
-    if meta.get("version") != VERSION:
-        raise SAEFormatError(f"{path}: checkpoint version {meta.get('version')!r} is not {VERSION}")
-    names = sorted(e.name for e in trainer.entries)
-    if sorted(meta["entries"]) != names:
-        raise ConfigError(f"{path}: checkpoint has entries {sorted(meta['entries'])}, the trainer has {names}")
-    for e in trainer.entries:
-        em = meta["entries"][e.name]
-        if em["site"] != e.site:
-            raise ConfigError(f"{path}: entry {e.name!r} was trained at {em['site']!r}, not {e.site!r}")
-        if em.get("site_out") != e.site_out:
-            raise ConfigError(f"{path}: entry {e.name!r} was trained with site_out {em.get('site_out')!r}, not {e.site_out!r}")
-        e.settings = TrainSettings.from_dict(em["settings"])
-        e.state = EntryState(**em["state"])
-        e.sae.cfg = SAEConfig.from_dict(em["sae_cfg"])
-        prefix = f"sae.{e.name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        e.sae.load_state_dict(state)
-        e.optimizer.load_state_dict(_optimizer_join(em["optimizer"], tensors, f"opt.{e.name}", e.sae.device))
-        e.tokens_since_fired = tensors[f"dead.{e.name}"].to(e.sae.device)
-    trainer.step_count = int(meta["step"])
-    trainer.tokens_seen = int(meta["tokens_seen"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    _restore_random_state(meta["python_random"])
-    if buffer is not None:
-        if "buffer" not in meta:
-            raise ConfigError(f"{path}: the checkpoint has no buffer state")
-        buf = {k[len("buffer."):]: v for k, v in tensors.items() if k.startswith("buffer.")}
-        buffer.load_state_dict(meta["buffer"], buf)
+    if not isinstance(meta, dict) or meta.get("version") != VERSION:
+        got = meta.get("version") if isinstance(meta, dict) else None
+        raise SAEFormatError(f"{path}: checkpoint version {got!r} is not {VERSION}")
+    return meta, read_safetensors(path / TENSORS_FILE)
+
+
+def load_checkpoint(trainer: Any, path: str | os.PathLike, buffer: Any = None) -> dict[str, Any]:
+    """Restore ``trainer`` (built with the same entry names) and ``buffer`` from ``path``; returns the metadata."""
+    meta, tensors = read_checkpoint(path)
+    trainer.load_state_dict(meta, tensors, buffer, where=str(path))
     return meta
-
-
-def _jsonable_random_state() -> list[Any]:
-    version, state, gauss = random.getstate()
-    return [version, list(state), gauss]
-
-
-def _restore_random_state(data: list[Any]) -> None:
-    version, state, gauss = data
-    random.setstate((version, tuple(state), gauss))

@@ -150,7 +150,7 @@ def test_encoded_sae_works_in_the_attach_layer(hf) -> None:
         handle = model.transformer.h[0].register_forward_hook(lambda m, a, o: h.__setitem__("x", o[0] if isinstance(o, tuple) else o))
         model(ids)
         handle.remove()
-        att = model.add_sae(enc, "transformer.h.0", error_term=True)
+        att = model.add_sae(enc, site="transformer.h.0", use_error_term=True)
         try:
             with model.sae_capture() as cache:
                 logits = model(ids).logits

@@ -16,8 +16,11 @@ def load_sae(path: str) -> Any:
     return load(path).eval()
 
 
-def sae_site(sae: Any, site: str | None, command: str) -> str:
-    site = site or (sae.cfg.sites[0].module or sae.cfg.sites[0].hook if sae.cfg.sites else None)
+def sae_site(model: Any, sae: Any, site: str | None, command: str) -> str:
+    """``--site``, else the SAE's own site on ``model`` (its hook name, or its module path)."""
+    from ..cli import _trained_site
+
+    site = site or _trained_site(model, sae)
     if not site:
         sys.exit(f"sae-hooks {command}: the SAE names no site; pass --site")
     return site

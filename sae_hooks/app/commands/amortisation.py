@@ -23,8 +23,8 @@ def cmd_amortisation(args: argparse.Namespace) -> int:
         if not args.sae:
             raise SystemExit("sae-hooks amortisation: pass an SAE (or --synthetic)")
         sae = load_sae(args.sae)
-        site = sae_site(sae, args.site, "amortisation")
         model, _, batches, bos = model_batches(args)
+        site = sae_site(model, sae, args.site, "amortisation")
         rows = model_table(model, sae, site, batches, bos_token_id=bos)
     print(format_table(rows))
     if args.json:

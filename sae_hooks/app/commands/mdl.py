@@ -15,8 +15,8 @@ def cmd_mdl(args: argparse.Namespace) -> int:
     from ...train.sources import ActivationReader
 
     sae = load_sae(args.sae)
-    site = sae_site(sae, args.site, "mdl")
     model, _, batches, bos = model_batches(args)
+    site = sae_site(model, sae, args.site, "mdl")
     acts = [ActivationReader(model, [site], bos_token_id=bos).read(b)[site] for b in batches]
     search: dict[str, Any] = {}
     if args.ce:

@@ -38,6 +38,8 @@ class LoadOptions:
         sae_id: the path of the SAE inside the repo / folder (some formats infer the layer from it).
         n_layers: number of layers, for multi-layer SAEs whose files do not say it.
         norm_scaling_factor: SAELens ``expected_average_only_in`` constant to fold into the weights.
+        convention: for formats whose authors' loader and SAELens's differ (Llama Scope / lm-saes): ``"authors"``
+            (default) or ``"saelens"``; any other format refuses it.
         extra: anything else a format may read.
     """
 
@@ -50,6 +52,7 @@ class LoadOptions:
     sae_id: str | None = None
     n_layers: int | None = None
     norm_scaling_factor: float | None = None
+    convention: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -188,7 +191,7 @@ def t_(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- sites
 
 def make_site(hook: str | None, hook_out: str | None = None, model_name: str | None = None) -> Site:
-    """A :class:`Site` with module paths filled in when :mod:`sae_hooks.hooknames` knows the model family."""
+    """A :class:`Site` with module paths filled in when :mod:`sae_hooks.sites.names` knows the model family."""
     module = module_out = None
     if model_name and hook:
         module = _module_path(hook, model_name)
@@ -207,20 +210,18 @@ _FAMILY_BY_NAME = (
 
 
 def model_family(model_name: str) -> str | None:
-    """The :mod:`sae_hooks.hooknames` family of a model name (``"google/gemma-2-2b"`` -> ``"gemma"``), if known."""
+    """The :mod:`sae_hooks.sites.names` family of a model name (``"google/gemma-2-2b"`` -> ``"gemma"``), if known."""
     low = model_name.lower()
     return next((fam for rx, fam in _FAMILY_BY_NAME if rx.search(low)), None)
 
 
 def _module_path(hook: str, model_name: str) -> str | None:
-    """Module site (``"path"`` or ``"path:input"``) of ``hook`` via :mod:`sae_hooks.hooknames`; ``None`` if unknown."""
+    """Module site (``"path"`` or ``"path:input"``) of ``hook`` via :mod:`sae_hooks.sites.names`; ``None`` if unknown."""
     fam = model_family(model_name)
     if fam is None:
         return None
-    try:
-        from ... import hooknames
-    except ImportError:  # pragma: no cover - hooknames ships with the package
-        return None
+    from ...sites import names as hooknames
+
     try:
         path, side = hooknames.to_module_path(hook, fam)
     except Exception:  # noqa: BLE001 - no translation for this hook: leave the module unknown
