@@ -161,45 +161,48 @@ def calibrate_l1(sae: SAE, encoder: str, x: Tensor, target_l0: float, *, lo: flo
 @torch.no_grad()
 def model_table(
     model: Any, sae: SAE, site: str, batches: Sequence[Any], *, bos_token_id: int | None = None,
-    encoders: dict[str, tuple[str, dict[str, Any]]] | None = None, hooks: Any = None,
+    encoders: dict[str, tuple[str, dict[str, Any]]] | None = None, hooks: Any = None, calibration_tokens: int = 512,
 ) -> dict[str, dict[str, float]]:
     """SAE vs inference-time encoders on ``model``'s activations at ``site``: ``mse`` (per element),
     ``fvu``, ``l0`` and ``ce_loss_score`` / ``kl_clean_sae`` with each spliced in.
 
     ``encoders``: ``{label: (name, options)}``; an ``l1_coefficient="match"`` option is replaced by the
-    coefficient that matches the SAE's L0 on the first batch (:func:`calibrate_l1`). Default: OMP and
-    MP with ``k`` = the SAE's L0, FISTA and warm-started ITO at matched L0."""
+    coefficient that matches the SAE's L0 on the first ``calibration_tokens`` tokens
+    (:func:`calibrate_l1`). Default: OMP and MP with ``k`` = the SAE's L0, FISTA and warm-started ITO
+    at matched L0 (100 iterations each)."""
     from ..encoders import with_encoder
     from ..train.sources import ActivationReader
-    from .reconstruction import reconstruction_metrics
+    from .reconstruction import fvu as fvu_of
     from .splice import hooks_splice_runner, splice_metrics
 
     reader = ActivationReader(model, [site], bos_token_id=bos_token_id)
-    acts = [reader.read(b)[site] for b in batches]
-    base = reconstruction_metrics(sae, acts)
-    k = max(1, round(base["l0"]))
-    encoders = encoders or {
-        f"SAE + OMP (k={k})": ("omp", {"k": k}),
-        f"SAE + MP (k={k})": ("mp", {"k": k}),
-        "SAE + FISTA (matched L0)": ("fista", {"l1_coefficient": "match", "max_iter": 300}),
-        "SAE + ITO (matched L0)": ("ito", {"l1_coefficient": "match", "max_iter": 300, "lr": 1e-2, "init": "sae"}),
-    }
+    x = torch.cat([reader.read(b)[site] for b in batches])
     run = hooks_splice_runner(model, site, hooks=hooks, bos_token_id=bos_token_id)
     rows: dict[str, dict[str, float]] = {}
 
     def row(label: str, s: SAE) -> None:
-        rec = reconstruction_metrics(s, acts)
-        x = torch.cat(acts)
-        down = splice_metrics(run, s, batches)
-        rows[label] = {"mse": float((s(x) - x).pow(2).mean()), "fvu": rec["fvu"], "l0": rec["l0"],
+        lat, state = s.encode_with_state(x)  # one encode for the reconstruction metrics ...
+        x_hat = s.reconstruct(x, lat, state).to(x.dtype)
+        dense = lat.to_dense() if hasattr(lat, "to_dense") else lat
+        down = splice_metrics(run, s, batches)  # ... and one inside the splice
+        rows[label] = {"mse": float((x_hat - x).pow(2).mean()), "fvu": fvu_of(x, x_hat),
+                       "l0": float((dense != 0).sum(-1).float().mean()),
                        "ce_loss_score": down["ce_loss_score"], "kl_clean_sae": down["kl_clean_sae"]}
 
     row("SAE", sae)
+    base_l0 = rows["SAE"]["l0"]
+    k = max(1, round(base_l0))
+    encoders = encoders or {
+        f"SAE + OMP (k={k})": ("omp", {"k": k}),
+        f"SAE + MP (k={k})": ("mp", {"k": k}),
+        "SAE + FISTA (matched L0)": ("fista", {"l1_coefficient": "match", "max_iter": 100}),
+        "SAE + ITO (matched L0)": ("ito", {"l1_coefficient": "match", "max_iter": 100, "lr": 1e-2, "init": "sae"}),
+    }
     for label, (name, options) in encoders.items():
         options = dict(options)
         if options.get("l1_coefficient") == "match":
             rest = {k_: v for k_, v in options.items() if k_ != "l1_coefficient"}
-            options["l1_coefficient"] = calibrate_l1(sae, name, acts[0], base["l0"], **rest)
+            options["l1_coefficient"] = calibrate_l1(sae, name, x[:calibration_tokens], base_l0, iters=8, **rest)
         row(label, with_encoder(sae, name, **options))
     return rows
 
