@@ -12,7 +12,7 @@ A *module site* is a module path plus which side of the module the tensor is on:
 torch and nnsight adapters a module site is written ``"path"`` (output) or ``"path:input"``.
 
 Families and what is exact (every row below is checked against a TransformerLens 4 ``TransformerBridge``
-built on the same module in ``tests/test_hooknames.py``, except where marked):
+built on the same module in ``tests/sites/test_hooknames.py``, except where marked):
 
 ========================= ============================ ===============================================
 family (``model_type``)   layer path                   notes

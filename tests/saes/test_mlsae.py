@@ -139,6 +139,7 @@ def test_all_layers_equals_layer_by_layer_torch_adapter():
         h.remove()
 
 
+@pytest.mark.slow
 def test_train_in_place_and_evaluate_on_embedded_model():
     """Train an MLSAE in place on the embedded model (GPT-2 arch, 4 layers, d_model 128) and check what
     the method promises (methods.md §1.5): every layer is reconstructed far better than at init, no

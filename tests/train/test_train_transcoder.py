@@ -42,6 +42,7 @@ def mmcs(truth: torch.Tensor, W: torch.Tensor) -> float:
     return (truth @ W.T).max(-1).values.mean().item()
 
 
+@pytest.mark.slow
 def test_planted_transcoder_recovers_decoder_directions() -> None:
     torch.manual_seed(0)
     enc, dec = planted()
@@ -129,6 +130,7 @@ def test_transcoder_checkpoint_resume_equals_uninterrupted(tmp_path) -> None:
         load_checkpoint(Trainer([other]), tmp_path / "ck")
 
 
+@pytest.mark.slow
 def test_mlp_transcoder_on_embedded_model() -> None:
     """A TopK MLP transcoder at layer 1 of the embedded GPT-2 (ln_2 output → mlp output)."""
     import copy

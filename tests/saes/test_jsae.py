@@ -166,6 +166,7 @@ def test_bridge_hook_check():
         check_mlp_input(model, bad, tokens)
 
 
+@pytest.mark.slow
 def test_jsae_training_sparsifies_jacobian_and_attach(embedded, record_property):
     """λ > 0 makes the Jacobian sparser at every threshold while both SAEs still reconstruct.
 
