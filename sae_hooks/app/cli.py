@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_save_activations)
 
-    e = sub.add_parser("eval", help="FVU, L0, dead %%, CE loss recovered, KL of a saved SAE")
+    e = sub.add_parser("eval", help="FVU, L0, dead %%, ce_loss_score, KL of a saved SAE")
     _add_text_args(e)
     e.add_argument("sae", help="native SAE folder")
     e.add_argument("--site", help="hook name, module path or path:input (default: the SAE's cfg.sites)")

@@ -35,6 +35,7 @@ from torch import Tensor
 from ..saes.base import SAE
 from ..sites import site_hooks
 from ..train.sources import _split_batch as split_batch
+from ..train.sources import default_forward
 
 Replace = Callable[[Tensor, Tensor], Tensor]
 
@@ -83,10 +84,6 @@ def zero_replace(x: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep[..., None], torch.zeros_like(x), x)
 
 
-def _default_forward(model: Any, input_ids: Tensor, attention_mask: Tensor | None) -> Any:
-    return model(input_ids) if attention_mask is None else model(input_ids, attention_mask=attention_mask)
-
-
 class SpliceRunner:
     """Runs ``model`` with ``replace`` applied at ``site`` (through any ``install(site, fn)`` hook layer).
 
@@ -105,7 +102,7 @@ class SpliceRunner:
     ):
         self.model, self.site, self.bos_token_id = model, site, bos_token_id
         self.hooks = hooks if hooks is not None else site_hooks(model, [site])
-        self.forward = forward or _default_forward
+        self.forward = forward or default_forward
 
     def keep(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return keep_mask(input_ids, attention_mask, self.bos_token_id)
