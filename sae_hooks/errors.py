@@ -53,6 +53,10 @@ class HubUnavailableError(SAEHooksError, ConnectionError):
     """The Hub cannot be used (offline mode, or unreachable) and the local cache lacks what was asked for."""
 
 
+class FolderLockedError(SAEHooksError, BlockingIOError):
+    """Another writer (named in the message: PID, host, command) holds the lock of the folder being written."""
+
+
 class UnsafeCheckpointError(SAEFormatError):
     """A pickled checkpoint needs more than ``torch.load(weights_only=True)`` to open."""
 

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .._atomic import atomic_dir
+from .._atomic import atomic_dir, recover
 from .._files import read_json, read_safetensors
 from ..config import SAEConfig
-from ..errors import ConfigError, SAEFormatError
+from ..errors import ConfigError, SAEFormatError, SAEHooksError
 from .trainer import EntryState, Trainer, TrainSettings
 
 STATE_FILE = "trainer.json"
@@ -101,13 +101,92 @@ def save_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = Non
 def load_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = None) -> dict[str, Any]:
     """Restore ``trainer`` (built with the same entry names) and ``buffer`` from ``path``; returns the metadata."""
     path = Path(path)
+    recover(path)
     meta = read_json(path / STATE_FILE, f"missing: {path} is not a training checkpoint")
     tensors = read_safetensors(path / TENSORS_FILE)
     if meta.get("version") != VERSION:
         raise SAEFormatError(f"{path}: checkpoint version {meta.get('version')!r} is not {VERSION}")
+    _validate(trainer, meta, tensors, path)
+    try:
+        return _restore(trainer, meta, tensors, path, buffer)
+    except SAEHooksError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # what _validate cannot foresee
+        raise SAEFormatError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _validate(trainer: Trainer, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a checkpoint whose structure, tensors or configs disagree, before the trainer is touched."""
+    def need(obj: Any, key: str, typ: type | tuple[type, ...], where: str) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise SAEFormatError(f"{path / STATE_FILE}: {where} lacks key {key!r}")
+        value = obj[key]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise SAEFormatError(f"{path / STATE_FILE}: {where}[{key!r}] is {type(value).__name__} {value!r}")
+        return value
+
+    for key in ("step", "tokens_seen"):
+        if need(meta, key, int, "the checkpoint") < 0:
+            raise SAEFormatError(f"{path / STATE_FILE}: {key} is negative ({meta[key]})")
+    rnd = need(meta, "python_random", list, "the checkpoint")
+    if len(rnd) != 3 or not isinstance(rnd[1], list):
+        raise SAEFormatError(f"{path / STATE_FILE}: python_random is not a saved random state")
+    entries = need(meta, "entries", dict, "the checkpoint")
     names = sorted(e.name for e in trainer.entries)
-    if sorted(meta["entries"]) != names:
-        raise ConfigError(f"{path}: checkpoint has entries {sorted(meta['entries'])}, the trainer has {names}")
+    if sorted(entries) != names:
+        raise ConfigError(f"{path}: checkpoint has entries {sorted(entries)}, the trainer has {names}")
+    rng = tensors.get("rng.torch")
+    if rng is None or rng.dtype != torch.uint8:
+        raise SAEFormatError(f"{path / TENSORS_FILE}: missing or malformed tensor 'rng.torch'")
+    for e in trainer.entries:
+        em = need(entries, e.name, dict, "entries")
+        for key, typ in (("settings", dict), ("state", dict), ("sae_cfg", dict), ("optimizer", dict)):
+            need(em, key, typ, f"entry {e.name!r}")
+        try:
+            cfg = SAEConfig.from_dict(em["sae_cfg"])
+        except ConfigError as err:
+            raise ConfigError(f"{path / STATE_FILE}: entry {e.name!r}: {err}") from None
+        for field in ("architecture", "d_in", "d_sae", "d_out"):
+            if getattr(cfg, field) != getattr(e.sae.cfg, field):
+                raise ConfigError(
+                    f"{path}: entry {e.name!r} was saved with {field}={getattr(cfg, field)!r}, "
+                    f"the trainer's SAE has {field}={getattr(e.sae.cfg, field)!r}"
+                )
+        prefix = f"sae.{e.name}."
+        for name, param in e.sae.state_dict().items():
+            t = tensors.get(prefix + name)
+            if t is None:
+                raise SAEFormatError(f"{path / TENSORS_FILE}: missing tensor {prefix + name!r}")
+            if tuple(t.shape) != tuple(param.shape) or not t.is_floating_point():
+                raise SAEFormatError(
+                    f"{path / TENSORS_FILE}: tensor {prefix + name!r} is {t.dtype} {tuple(t.shape)}, "
+                    f"the config implies a float tensor of shape {tuple(param.shape)}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise SAEFormatError(f"{path / TENSORS_FILE}: tensor {prefix + name!r} holds NaN/inf values")
+        extra = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] not in e.sae.state_dict()]
+        if extra:
+            raise SAEFormatError(f"{path / TENSORS_FILE}: unexpected tensors {extra} for entry {e.name!r}")
+        dead = tensors.get(f"dead.{e.name}")
+        if dead is None or tuple(dead.shape) != (e.sae.cfg.d_sae,):
+            raise SAEFormatError(f"{path / TENSORS_FILE}: missing or misshapen tensor 'dead.{e.name}' (want ({e.sae.cfg.d_sae},))")
+        opt = em["optimizer"]
+        for key, typ in (("param_groups", list), ("scalars", dict), ("indices", list)):
+            need(opt, key, typ, f"entry {e.name!r} optimizer")
+        params = [p for g in e.optimizer.param_groups for p in g["params"]]
+        for idx in opt["indices"]:
+            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(params):
+                raise SAEFormatError(f"{path / STATE_FILE}: entry {e.name!r}: optimizer index {idx!r} is not a parameter")
+            for moment in ("exp_avg", "exp_avg_sq"):
+                t = tensors.get(f"opt.{e.name}.{idx}.{moment}")
+                if t is not None and tuple(t.shape) != tuple(params[idx].shape):
+                    raise SAEFormatError(
+                        f"{path / TENSORS_FILE}: optimizer tensor 'opt.{e.name}.{idx}.{moment}' has shape "
+                        f"{tuple(t.shape)}, its parameter {tuple(params[idx].shape)}"
+                    )
+
+
+def _restore(trainer: Trainer, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, buffer: Any) -> dict[str, Any]:
     for e in trainer.entries:
         em = meta["entries"][e.name]
         if em["site"] != e.site:

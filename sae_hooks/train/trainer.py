@@ -557,13 +557,17 @@ class Trainer:
         return self
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Save every entry's SAE (native format) to ``out_dir/<name>``; returns the paths."""
+        """Save every entry's SAE (native format) to ``out_dir/<name>``, all or none (one atomic unit:
+        a kill mid-save leaves either every old folder or every new one); returns the paths."""
+        from .._atomic import atomic_dirs
+        from ..native import write_folder
+
         out = Path(out_dir)
-        paths = {}
-        for e in self.entries:
-            sae = e.final_sae()
-            sae.save(out / e.name)
-            paths[e.name] = out / e.name
+        paths = {e.name: out / e.name for e in self.entries}
+        saes = [e.final_sae() for e in self.entries]
+        with atomic_dirs(list(paths.values())) as tmps:
+            for sae, tmp in zip(saes, tmps):
+                write_folder(sae, tmp)
         return paths
 
 
