@@ -245,7 +245,7 @@ def folder_lock(path: str | os.PathLike, timeout: float = DEFAULT_LOCK_TIMEOUT) 
             break
         os.close(fd)
     try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300],
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
