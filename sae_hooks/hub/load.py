@@ -243,7 +243,16 @@ def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: 
     opts.sae_id = opts.sae_id or sid or None
     opts.repo_id = opts.repo_id or source.repo_id
     target = folder / needed[0] if fmt.name == "openai" else folder
-    return fmt.load(target, opts)
+    try:
+        return fmt.load(target, opts)
+    except SAEHooksError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError, RuntimeError, RecursionError) as e:
+        # A converter met something its checks did not foresee (malformed tensors, odd values): the file
+        # is at fault, so say which file and format instead of leaking a raw error.
+        raise SAEFormatError(
+            f"{where}: malformed {fmt.name} SAE ({type(e).__name__}: {e})"
+        ) from e
 
 
 def load(
