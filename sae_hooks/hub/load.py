@@ -77,9 +77,12 @@ class _LocalSource(_Source):
         return sorted(out)
 
     def peek(self, rel: str) -> dict[str, Any] | None:
+        from .._files import check_regular_file
+
+        check_regular_file(self.root / rel, "missing")  # a FIFO would block the read forever
         try:
             data = json.loads((self.root / rel).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
 

@@ -174,6 +174,17 @@ def _validate(trainer: Trainer, meta: dict[str, Any], tensors: dict[str, torch.T
         for key, typ in (("param_groups", list), ("scalars", dict), ("indices", list)):
             need(opt, key, typ, f"entry {e.name!r} optimizer")
         params = [p for g in e.optimizer.param_groups for p in g["params"]]
+        pre = f"opt.{e.name}."
+        per_index: dict[str, set[str]] = {}
+        for k in tensors:
+            if k.startswith(pre):
+                idx_s, _, key = k[len(pre):].partition(".")
+                per_index.setdefault(idx_s, set()).add(key)
+        if sorted(per_index) != sorted(str(i) for i in opt["indices"]) or len({frozenset(v) for v in per_index.values()}) > 1:
+            raise SAEFormatError(
+                f"{path / TENSORS_FILE}: optimizer state of entry {e.name!r} is incomplete "
+                f"(tensors for parameters {sorted(per_index)}, expected {sorted(opt['indices'])}, each with the same keys)"
+            )
         for idx in opt["indices"]:
             if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(params):
                 raise SAEFormatError(f"{path / STATE_FILE}: entry {e.name!r}: optimizer index {idx!r} is not a parameter")
