@@ -118,10 +118,6 @@ _DIST_TIMEOUT = 1800.0
 
 def _train(args: argparse.Namespace, dist_info: Any) -> int:
     """``sae-hooks train``; ``dist_info`` (a :class:`~.train.distributed.DistInfo`) under ``--distributed``."""
-    from ..saes.registry import make_sae
-    from ..train import DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
-    from ..train.trainer import pick_device
-
     _check_train_args(args)
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     with contextlib.ExitStack() as locks:
@@ -134,6 +130,10 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
 
 
 def _train_locked(args: argparse.Namespace, dist_info: Any, rank: int, world: int) -> int:
+    from ..saes.registry import make_sae
+    from ..train import DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
+    from ..train.trainer import pick_device
+
     ddp = dist_info is not None and args.distributed == "ddp"
     device = pick_device(args.device) if dist_info is None or args.device else dist_info.device
     batch_tokens, buffer_tokens = args.batch_tokens, args.buffer_tokens
