@@ -137,7 +137,9 @@ class _HubSource(_Source):
         try:
             path = self._download([rel])[rel]
             data = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
+        except SAEHooksError:
+            raise  # a corrupt download or an offline cache miss must say so, not "no format matches"
+        except (OSError, ValueError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
 
@@ -231,7 +233,12 @@ def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: 
     where = f"{source.where}:{prefix or '.'}"
     try:
         fmt = detect_format(rel, peek, where, fmt_name)
-    except SAEFormatError:
+    except SAEFormatError as e:
+        note = source.listing_note()
+        if note:  # offline with a partial cache: the cause is the cache, not the format
+            from ..errors import HubUnavailableError
+
+            raise HubUnavailableError(f"{e}{note}") from None
         if not sid:
             valid = [v for v in list_sae_ids(files) if v]
             if valid:
