@@ -39,7 +39,8 @@ test-main: setup
 
 # The TransformerLens adapter against a TL 3.x HookedTransformer (removed in TL 4).
 test-tl3: $(VENV_TL3)/.installed
-	$(VENV_TL3)/bin/python -m pytest tests/test_transformer_lens_adapter.py tests/test_saes.py tests/test_native.py
+	$(VENV_TL3)/bin/python -m pytest tests/test_transformer_lens_adapter.py tests/test_saes.py tests/test_native.py \
+		tests/sites/test_site_spellings.py tests/intervene/test_attach_vocabulary.py
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_splice.py

@@ -1,11 +1,11 @@
-"""Bind an :class:`~sae_hooks.attach.SAEManager`'s API onto a model instance (no subclassing)."""
+"""Bind an :class:`~sae_hooks.intervene.SAEManager`'s API onto a model instance (no subclassing)."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any
 
-from sae_hooks.attach import SAEManager
+from sae_hooks.intervene import SAEManager
 
 #: The methods every adapter adds to the model it wraps.
 BOUND_METHODS = ("add_sae", "remove_sae", "reset_saes", "saes")

@@ -41,9 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae_hooks.attach import Remover, SAEManager
 from sae_hooks.errors import HookNotFoundError, SAEHooksError, did_you_mean
-from sae_hooks.interventions import RECORD_NAMES
+from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 
 from ._binding import bind, wrap_generation
 from .torch import TorchBackend, _CacheRecorder

@@ -14,15 +14,13 @@ that ``run_with_cache`` records and ``run_with_hooks`` can edit.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 
-from sae_hooks.attach import Remover, SAEManager
-from sae_hooks.errors import HookNotFoundError, did_you_mean
-from sae_hooks.interventions import RECORD_NAMES
+from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
+from sae_hooks.sites import HookDictSites
 
 from ._binding import bind, wrap_generation
 
@@ -68,57 +66,20 @@ class _HookPointRecorder:
         return self.points[name](value)
 
 
-class TransformerLensBackend:
+class TransformerLensBackend(HookDictSites):
+    """A :class:`~sae_hooks.intervene.Backend` over the model's ``HookPoint``\\ s (sites resolved by
+    :class:`~sae_hooks.sites.HookDictSites`: hook names, and module paths of a bridge's HF model)."""
+
     def __init__(self, model: Any):
-        self.model = model
-        self.is_bridge = hasattr(model, "_hook_registry")
+        super().__init__(model)
         self.manager: SAEManager | None = None
 
-    # Sites ---------------------------------------------------------------------------------------
-
-    def resolve(self, name: str) -> str:
-        if not isinstance(name, str):
-            raise TypeError(f"hook names are strings, got {type(name).__name__}")
-        hooks = self.model.hook_dict
-        if name in hooks:
-            return name
-        translated = self._from_module_path(name)
-        if translated in hooks:
-            return translated
-        raise HookNotFoundError(
-            f"no hook named {name!r} on this {type(self.model).__name__}.{did_you_mean(name, hooks)}"
-        )
-
-    def _from_module_path(self, name: str) -> str | None:
-        """A Hugging Face module path (``transformer.h.3``) as a TL hook name, when the family is known."""
-        from sae_hooks import hooknames
-
-        inner = getattr(self.model, "original_model", None) if self.is_bridge else None
-        if not isinstance(inner, nn.Module):
-            return None
-        model_type = getattr(getattr(inner, "config", None), "model_type", None)
-        fam = hooknames.detect_family((n for n, _ in inner.named_modules()), model_type)
-        return hooknames.to_hook_name(name, fam) if fam is not None else None
-
-    def hook_point(self, name: str) -> HookPoint:
-        hp = self.model.hook_dict[name]
-        return getattr(hp, "_target", hp)  # aliases may be views of the real HookPoint
-
-    def site_width(self, site: str) -> int | None:
-        cfg = getattr(self.model, "cfg", None)
-        if cfg is None:
-            return None
-        d_model = getattr(cfg, "d_model", None)
-        if re.search(r"(hook_resid_(pre|mid|post)|hook_(attn|mlp)_out|ln\d\.hook_normalized|^hook_(pos_)?embed)$", site):
-            return d_model
-        if re.search(r"mlp\.hook_(pre|post)$", site):
-            return getattr(cfg, "d_mlp", None)
-        if site.endswith("attn.hook_z"):
-            n_heads, d_head = getattr(cfg, "n_heads", None), getattr(cfg, "d_head", None)
-            return n_heads * d_head if n_heads and d_head else None
-        return None
-
     def install(self, site: str, fn: Callable[[Tensor], Tensor | None]) -> Remover:
+        """A permanent hook on the site's ``HookPoint`` (so ``reset_hooks()`` keeps it); a module site
+        without a hook point gets a plain forward hook."""
+        site = self.resolve(site)
+        if not self.is_hook_point(site):
+            return super().install(site, fn)
         hp = self.hook_point(site)
 
         def sae_hook(activation: Tensor, hook: Any) -> Tensor | None:

@@ -57,6 +57,11 @@ class FolderLockedError(SAEHooksError, BlockingIOError):
     """Another writer (named in the message: PID, host, command) holds the lock of the folder being written."""
 
 
+class DegenerateDataError(SAEHooksError, ValueError):
+    """Training data that cannot give a statistic the trainer needs (all zero, constant rows, a scale the
+    training dtype cannot represent); the message names the statistic and the batch."""
+
+
 class UnsafeCheckpointError(SAEFormatError):
     """A pickled checkpoint needs more than ``torch.load(weights_only=True)`` to open."""
 

@@ -146,7 +146,7 @@ def hooks_splice_runner(
     The forward returns logits (or an object with ``.logits``); ``keep`` excludes padding and, with
     ``bos_token_id``, BOS positions (which SAEs are usually not trained on).
     """
-    from .train.hooks import site_hooks
+    from .sites import site_hooks
     from .train.sources import default_forward, token_mask
 
     layer = hooks if hooks is not None else site_hooks(model, [site])

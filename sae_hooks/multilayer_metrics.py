@@ -2,7 +2,7 @@
 (methods §1.3), and CE loss recovered for each SAE of a JSAE pair (methods §2.5).
 
 Model access is framework-free: sites are hooked through any ``install(site, fn)`` object (an adapter's
-backend, or :func:`sae_hooks.train.site_hooks`), and logits come from ``model(tokens)`` (``.logits``
+backend, or :func:`sae_hooks.sites.site_hooks`), and logits come from ``model(tokens)`` (``.logits``
 when the output has it).
 """
 
@@ -23,7 +23,7 @@ from .saes.multilayer import MultiLayerSAE, zero_special_tokens
 def _hooks(model: Any, sites: Sequence[str], hooks: Any) -> Any:
     if hooks is not None:
         return hooks
-    from .train.hooks import site_hooks
+    from .sites import site_hooks
 
     return site_hooks(model, list(sites))
 

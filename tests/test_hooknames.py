@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sae_hooks.errors import HookNotFoundError
-from sae_hooks.hooknames import (
+from sae_hooks.sites.names import (
     FAMILIES,
     complete_site,
     detect_family,

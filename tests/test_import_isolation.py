@@ -13,7 +13,7 @@ CORE = pathlib.Path(__file__).resolve().parents[1] / "sae_hooks"
 def test_import_pulls_in_no_framework():
     code = (
         "import sys, sae_hooks, sae_hooks.adapters\n"
-        "import sae_hooks.saes, sae_hooks.native, sae_hooks.interventions, sae_hooks.attach\n"
+        "import sae_hooks.saes, sae_hooks.native, sae_hooks.intervene, sae_hooks.sites\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformer_lens', 'nnsight', 'transformers'))\n"
         "print(bad); assert not bad, bad\n"
     )

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sae_hooks.errors import ConfigError, SAEFormatError
-from sae_hooks.jacobian import FrozenMLP
-from sae_hooks.saes import JacobianSAEPair, attach_pair, make_jsae_pair
+from sae_hooks.saes.jacobian import FrozenMLP
+from sae_hooks.intervene import attach_pair
+from sae_hooks.saes import JacobianSAEPair, make_jsae_pair
 
 from conftest import docstring_texts
 

@@ -45,7 +45,8 @@ def planted_batches(n: int = STEPS, rows: int = 64, seed: int = 0) -> list[torch
 
 def make_entry(arch: str, seed: int = 0, site: str = "x", name: str | None = None) -> TrainEntry:
     extra = {"k": 4} if arch in ("topk", "batchtopk") else {}
-    settings = TrainSettings(seed=seed, lr=3e-3, warmup_steps=2, dead_tokens=96, total_steps=STEPS, l1_coefficient=0.5)
+    l1 = {"l1_coefficient": 0.5} if arch in ("relu", "gated") else {}
+    settings = TrainSettings(seed=seed, lr=3e-3, warmup_steps=2, dead_tokens=96, total_steps=STEPS, arch=l1)
     return TrainEntry(name or f"{arch}-s{seed}", site, make_sae(arch, D, D_SAE, **extra), settings)
 
 
@@ -248,11 +249,11 @@ def test_cli_under_torchrun(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from sae_hooks.train.sources import capture
+    from sae_hooks.train.sources import save_activations
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, D), torch.nn.Linear(D, D))
-    capture(model, ["1"], [torch.randint(1, 50, (4, 32)) for _ in range(8)], tmp_path / "acts", shard_tokens=128)
+    save_activations(model, ["1"], [torch.randint(1, 50, (4, 32)) for _ in range(8)], tmp_path / "acts", shard_tokens=128)
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "sae_hooks.app.cli", "train", "--activations", str(tmp_path / "acts"), "--distributed", "ddp",

@@ -8,7 +8,7 @@ import torch
 from sae_hooks import load_native, make_sae
 from sae_hooks.metrics import fvu, hooks_splice_runner, reconstruction_metrics, splice_metrics
 from sae_hooks.train import (
-    ActivationReader, DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, capture,
+    ActivationReader, DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, save_activations,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -79,7 +79,7 @@ def test_live_source_through_transformer_lens_hook_names(kind: str) -> None:
 def test_capture_to_disk_and_replay(tmp_path) -> None:
     model = tiny_gpt2(2)
     batches = [token_batch()["input_ids"] for _ in range(5)]
-    out = capture(model, ["transformer.h.0", "transformer.h.1"], batches, tmp_path / "acts", shard_tokens=40, bos_token_id=0)
+    out = save_activations(model, ["transformer.h.0", "transformer.h.1"], batches, tmp_path / "acts", shard_tokens=40, bos_token_id=0)
     reader = ActivationReader(model, ["transformer.h.0", "transformer.h.1"], bos_token_id=0)
     expected = {s: torch.cat([reader.read(b)[s] for b in batches]) for s in reader.sites}
     n = expected["transformer.h.0"].shape[0]

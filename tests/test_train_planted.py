@@ -36,8 +36,8 @@ def mmcs(dictionary: torch.Tensor, W_dec: torch.Tensor) -> float:
 
 CASES = {
     "topk": (dict(k=3), TrainSettings(lr=3e-3)),
-    "relu": ({}, TrainSettings(lr=3e-3, l1_coefficient=1.5)),
-    "jumprelu": ({}, TrainSettings(lr=1e-2, l0_coefficient=0.5, init_threshold=1.0, bandwidth=0.05)),
+    "relu": ({}, TrainSettings(lr=3e-3, arch={"l1_coefficient": 1.5})),
+    "jumprelu": ({}, TrainSettings(lr=1e-2, arch={"l0_coefficient": 0.5, "init_threshold": 1.0, "bandwidth": 0.05})),
 }
 
 
@@ -64,7 +64,7 @@ def test_other_architectures_learn(arch: str) -> None:
     dictionary = planted_dictionary()
     extra = dict(k=3) if arch == "batchtopk" else dict(apply_b_dec_to_input=True)
     sae = make_sae(arch, D_IN, 128, **extra)
-    entry = TrainEntry(arch, "x", sae, TrainSettings(lr=3e-3, l1_coefficient=5.0))
+    entry = TrainEntry(arch, "x", sae, TrainSettings(lr=3e-3, arch={"l1_coefficient": 5.0} if arch == "gated" else {}))
     Trainer([entry]).fit(planted_batches(dictionary, 600, 256), max_steps=600)
     m = entry.state.metrics
     score = mmcs(dictionary, sae.W_dec.detach())

@@ -73,7 +73,7 @@ def test_skip_transcoder_fold_matches_training_coordinates(arch: str) -> None:
     Trainer([entry]).fit(planted_pairs(enc, dec, 5, 64), max_steps=5)
     assert tc.W_skip.abs().sum() > 0  # the skip path is trained
     x = next(planted_pairs(enc, dec, 1, 16, seed=5))["in"]
-    c_in, c_out = entry.state.in_scale, entry.state.out_scale
+    c_in, c_out = entry.objective.in_scale, entry.objective.out_scale
     assert c_in != pytest.approx(c_out, rel=0.1)
     final = entry.final_sae()
     lat, st = tc.encode_with_state(x * c_in)
@@ -116,7 +116,7 @@ def test_transcoder_checkpoint_resume_equals_uninterrupted(tmp_path) -> None:
     a, b = full.entries[0], resumed.entries[0]
     for k, v in a.sae.state_dict().items():
         assert torch.equal(v, b.sae.state_dict()[k]), k
-    assert (a.state.in_scale, a.state.out_scale) == (b.state.in_scale, b.state.out_scale)
+    assert (a.objective.in_scale, a.objective.out_scale) == (b.objective.in_scale, b.objective.out_scale)
     # Saving and loading the folded transcoder round-trips.
     path = resumed.save(tmp_path / "out")["tc"]
     loaded = load_native(path)
@@ -124,8 +124,7 @@ def test_transcoder_checkpoint_resume_equals_uninterrupted(tmp_path) -> None:
     torch.testing.assert_close(loaded(x), b.final_sae()(x))
     assert loaded.cfg.metadata["training"]["site_out"] == "out"
     # A checkpoint is refused by an entry with a different site_out.
-    other = _entry()
-    other.site_out = "elsewhere"
+    other = TrainEntry("tc", "in", make_sae("topk", D_IN, 32, d_out=D_OUT, k=K), site_out="elsewhere")
     with pytest.raises(ConfigError, match="site_out"):
         load_checkpoint(Trainer([other]), tmp_path / "ck")
 
@@ -139,7 +138,7 @@ def test_mlp_transcoder_on_embedded_model() -> None:
     from sae_hooks.metrics import hooks_splice_runner, next_token_ce, splice_metrics
     from sae_hooks.train import ActivationReader, LiveSource
     from sae_hooks.app.demo import load_default_model, pydoc_texts
-    from sae_hooks.train.hooks import site_hooks
+    from sae_hooks.sites import site_hooks
     from sae_hooks.train.sources import pack_texts, token_mask
 
     model, tok = load_default_model()

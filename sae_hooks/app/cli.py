@@ -1,8 +1,9 @@
-"""``sae-hooks`` command line: ``train``, ``capture``, ``eval``, ``demo``.
+"""``sae-hooks`` command line: ``train``, ``save-activations``, ``eval``, ``demo``.
 
 Models are Hugging Face causal LMs in a local folder (default: the embedded model); text comes from
-``--texts`` files (each file one document) or, by default, Python's pydoc topics. Sites are module
-paths (``transformer.h.1``). ``train`` can also read activations captured to disk (``--activations``).
+``--texts`` files (each file one document) or, by default, Python's pydoc topics. Sites are
+TransformerLens hook names (``blocks.1.hook_resid_post``), module paths (``transformer.h.1``) or
+``path:input``. ``train`` can also read activations saved to disk (``--activations``).
 Logging to wandb / tensorboard happens only when asked for and installed (imported lazily).
 """
 
@@ -130,7 +131,7 @@ def _train(args: argparse.Namespace, dist_info: Any) -> int:
 
 
 def _train_locked(args: argparse.Namespace, dist_info: Any, rank: int, world: int) -> int:
-    from ..saes.registry import make_sae
+    from ..saes.registry import make_sae, sae_class
     from ..train import DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
     from ..train.trainer import pick_device
 
@@ -174,12 +175,12 @@ def _train_locked(args: argparse.Namespace, dist_info: Any, rank: int, world: in
         d_in = int(widths[site])
         d_sae = args.d_sae or d_in * args.expansion
         for seed in args.seeds:
-            extra: dict[str, Any] = {"k": args.k} if args.arch in ("topk", "batchtopk") else {}
+            extra: dict[str, Any] = {"k": args.k} if sae_class(args.arch).uses_k else {}
             if out is not None:
                 extra.update(d_out=int(widths[out]), skip=args.skip)
             sae = make_sae(args.arch, d_in, d_sae, **extra)
-            settings = TrainSettings(lr=args.lr, seed=seed, l1_coefficient=args.l1, l0_coefficient=args.l0,
-                                     dead_tokens=args.dead_tokens, warmup_steps=args.warmup)
+            settings = TrainSettings(lr=args.lr, seed=seed, dead_tokens=args.dead_tokens, warmup_steps=args.warmup,
+                                     arch=_arch_settings(args))
             kind = f"{args.arch}-tc" if out is not None else args.arch
             name = f"{site}-{kind}-s{seed}".replace("/", "_")
             entries.append(TrainEntry(name, site, sae, settings, device=None if dist_info else device, site_out=out))
@@ -206,8 +207,19 @@ def _train_locked(args: argparse.Namespace, dist_info: Any, rank: int, world: in
     return 0
 
 
-def cmd_capture(args: argparse.Namespace) -> int:
-    from ..train.sources import capture
+def _arch_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--l1`` / ``--l0`` flags, for the architectures whose settings have those keys."""
+    import dataclasses
+
+    from ..saes.registry import training_spec
+
+    known = {f.name for f in dataclasses.fields(training_spec(args.arch).settings)}
+    flags = {"l1_coefficient": args.l1, "l0_coefficient": args.l0}
+    return {k: v for k, v in flags.items() if k in known}
+
+
+def cmd_save_activations(args: argparse.Namespace) -> int:
+    from ..train.sources import save_activations
 
     model, tok = _load_model(args.model)
     texts, _ = _texts(args.texts)
@@ -218,8 +230,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="capturing", unit="tok", unit_scale=True)
-    out = capture(model, args.site, batches, args.out, shard_tokens=args.shard_tokens, bos_token_id=bos,
+        bar = tqdm(desc="saving activations", unit="tok", unit_scale=True)
+    out = save_activations(model, args.site, batches, args.out, shard_tokens=args.shard_tokens, bos_token_id=bos,
                   progress=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
@@ -236,10 +248,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..train.sources import ActivationReader
 
     sae = load(args.sae).eval()
-    site = args.site or (sae.cfg.sites[0].module if sae.cfg.sites else None)
-    if not site:
-        sys.exit("sae-hooks eval: the SAE names no module site; pass --site")
     model, tok = _load_model(args.model)
+    site = args.site or _trained_site(model, sae)
+    if not site:
+        sys.exit("sae-hooks eval: the SAE names no site; pass --site")
     _, held = _texts(args.texts)
     batches, bos = _token_batches(tok, held, args)
     batches = batches[: args.batches]
@@ -250,6 +262,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trained_site(model: Any, sae: Any) -> str | None:
+    """The SAE's own site on ``model``: its hook name, or its module path when the name does not resolve."""
+    from ..errors import HookNotFoundError
+    from ..sites import site_hooks
+
+    if not sae.cfg.sites:
+        return None
+    hook, module = sae.cfg.sites[0].hook, sae.cfg.sites[0].module
+    if hook and module:
+        try:
+            site_hooks(model, [hook])
+        except HookNotFoundError:
+            return module
+    return hook or module
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -258,18 +286,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_architectures() -> list[str]:
+    """Trainable architectures that train on one site (the multi-layer SAE has its own entry point)."""
+    from ..saes.registry import trainable_architectures
+
+    return [a for a in trainable_architectures() if a != "mlsae"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sae-hooks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train SAEs in place (live model) or on captured activations")
     _add_text_args(t)
-    t.add_argument("--activations", type=existing_dir, help="folder written by `sae-hooks capture` (instead of a live model)")
-    t.add_argument("--site", action="append", help="module path to train at (repeatable)")
+    t.add_argument("--activations", type=existing_dir, help="folder written by `sae-hooks save-activations` (instead of a live model)")
+    t.add_argument("--site", action="append",
+                   help="where to train: a TransformerLens hook name, module path or path:input (repeatable)")
     t.add_argument("--site-out", action="append",
                    help="train a transcoder from the matching --site to this site (repeatable, one per --site)")
     t.add_argument("--skip", action="store_true", help="skip transcoders (a trained linear x @ W_skip path)")
-    t.add_argument("--arch", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu", "gated"])
+    t.add_argument("--arch", default="topk", choices=_cli_architectures(),
+                   help="architecture (every registered one with a training spec)")
     t.add_argument("--d-sae", type=positive_int)
     t.add_argument("--expansion", type=positive_int, default=8)
     t.add_argument("--k", type=positive_int, default=32)
@@ -301,19 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --distributed: how long a rank waits for the others before failing (default 1800)")
     t.set_defaults(fn=cmd_train)
 
-    c = sub.add_parser("capture", help="save activations at sites as safetensors shards")
+    c = sub.add_parser("save-activations", aliases=["capture"],
+                       help="save activations at sites as safetensors shards (alias: capture)")
     _add_text_args(c)
-    c.add_argument("--site", action="append", required=True)
+    c.add_argument("--site", action="append", required=True,
+                   help="a TransformerLens hook name, module path or path:input (repeatable)")
     c.add_argument("--out", required=True, type=output_dir)
     c.add_argument("--shard-tokens", type=positive_int, default=2**16)
     c.add_argument("--max-batches", type=positive_int)
     c.add_argument("--no-progress", action="store_true")
-    c.set_defaults(fn=cmd_capture)
+    c.set_defaults(fn=cmd_save_activations)
 
     e = sub.add_parser("eval", help="FVU, L0, dead %%, CE loss recovered, KL of a saved SAE")
     _add_text_args(e)
     e.add_argument("sae", type=existing_dir, help="native SAE folder")
-    e.add_argument("--site", help="module path (default: the SAE's cfg.sites)")
+    e.add_argument("--site", help="hook name, module path or path:input (default: the SAE's cfg.sites)")
     e.add_argument("--batches", type=positive_int, default=4)
     e.set_defaults(fn=cmd_eval)
 

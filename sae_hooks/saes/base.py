@@ -18,19 +18,19 @@ from torch import Tensor, nn
 from ..config import SAEConfig
 from ..errors import ShapeMismatchError
 
-Latents = "Tensor | SparseLatents"
-
-
 @dataclass
 class SparseLatents:
     """Latents of a TopK-style SAE: ``k`` values and their indices per token.
 
     ``values`` and ``indices`` have shape ``(..., k)``; the dense equivalent has shape ``(..., d_sae)``.
+    ``pre`` holds the ``(..., d_sae)`` pre-activations (detached) when the encoder ran in training mode
+    (AuxK picks dead latents from them); inference leaves it ``None``.
     """
 
     values: Tensor
     indices: Tensor
     d_sae: int
+    pre: Tensor | None = None
 
     def to_dense(self) -> Tensor:
         dense = self.values.new_zeros(*self.values.shape[:-1], self.d_sae)
@@ -63,6 +63,8 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = ""
     #: TopK-style SAEs return :class:`SparseLatents` from :meth:`activate`.
     sparse: ClassVar[bool] = False
+    #: the config's ``k`` is used (TopK-style SAEs).
+    uses_k: ClassVar[bool] = False
     #: Gated SAEs have no ``b_enc``.
     has_encoder_bias: ClassVar[bool] = True
 
@@ -162,11 +164,22 @@ class SAE(nn.Module):
         """Latents from pre-activations. Implemented by each architecture."""
         raise NotImplementedError
 
+    def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[Tensor | SparseLatents, Tensor]:
+        """The encoder on an already normalised input ``(..., d_in)``: ``(latents, pre-activations)``.
+
+        One encoder for inference and training: with ``training=True`` an architecture returns the same
+        latents with the gradients its loss needs (straight-through thresholds, sparse backward, the
+        batch-level top-k of BatchTopK). Latents are dense ``(..., d_sae)`` or :class:`SparseLatents`;
+        pre-activations are ``(..., d_sae)`` (the gate's for Gated).
+        """
+        pre = self.pre_acts(x)
+        return self.activate(pre), pre
+
     def encode_with_state(self, x: Tensor) -> tuple[Tensor | SparseLatents, NormState]:
         """Latents (sparse for TopK-style SAEs) and the normalisation state to decode them with."""
         x = self.flatten_input(x).to(self.dtype)
         x, state = self.normalize_input(x)
-        return self.activate(self.pre_acts(x)), state
+        return self.encode_normalized(x)[0], state
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents ``(..., d_sae)`` of an input ``(..., d_in)``."""

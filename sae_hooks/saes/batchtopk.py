@@ -3,9 +3,17 @@
 Training keeps the ``k * n_tokens`` largest activations across the whole batch (:meth:`BatchTopKSAE.batch_topk`);
 inference uses a single learned threshold, so a token's latents never depend on the rest of its batch:
 ``f = ReLU(pre) * 1[pre > threshold]``.
+
+Training: TopK's losses (normalised MSE + AuxK) with the batch-level top ``k·N``; dense by nature. The
+inference threshold is an exponential moving average of the smallest activation the batch top-k kept:
+``θ ← θ + threshold_lr · (min_kept − θ)`` (first step: ``θ = min_kept``), as in Bussmann et al. /
+SAELens (``topk_threshold_lr = 0.01``). It moves only when the optimiser step is taken (a skipped,
+non-finite batch leaves it alone), and data-parallel ranks average it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -13,10 +21,14 @@ from torch import Tensor
 from ..config import SAEConfig
 from ..errors import ConfigError
 from .base import SAE
+from .registry import register_sae_class
+from .topk import auxk_term
+from .training import AuxKSettings, LossOutput, StepContext, TrainingSpec, reconstruction_loss
 
 
 class BatchTopKSAE(SAE):
     architecture = "batchtopk"
+    uses_k = True
 
     def __init__(self, cfg: SAEConfig) -> None:
         if cfg.k is None:
@@ -27,6 +39,10 @@ class BatchTopKSAE(SAE):
     def activate(self, pre: Tensor) -> Tensor:
         return torch.relu(pre) * (pre > self.threshold)
 
+    def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[Tensor, Tensor]:
+        pre = self.pre_acts(x)
+        return (self.batch_topk(pre) if training else self.activate(pre)), pre
+
     def batch_topk(self, pre: Tensor) -> Tensor:
         """Training activation: the ``k * n_tokens`` largest ReLU'd pre-activations of the batch survive."""
         flat = torch.relu(pre.reshape(-1, pre.shape[-1]))
@@ -34,3 +50,43 @@ class BatchTopKSAE(SAE):
         values, indices = flat.flatten().topk(n_keep, sorted=False)
         out = torch.zeros_like(flat.flatten()).scatter(0, indices, values)
         return out.reshape(pre.shape)
+
+
+@dataclass
+class BatchTopKSettings(AuxKSettings):
+    """AuxK settings plus ``threshold_lr``, the inference threshold's EMA rate."""
+
+    threshold_lr: float = 0.01
+
+
+class BatchTopKTraining(TrainingSpec):
+    settings = BatchTopKSettings
+    synced_buffers = ("threshold",)
+
+    def loss(self, sae: BatchTopKSAE, x: Tensor, target: Tensor | None, settings: BatchTopKSettings, ctx: StepContext) -> LossOutput:
+        y = x if target is None else target
+        f, pre = sae.encode_normalized(x, training=True)
+        out, y_hat = reconstruction_loss(sae, x, target, f, 0.0, scale=ctx.mse_scale)
+        aux = auxk_term(sae, x, pre.detach(), (y - y_hat).detach(), settings, ctx)
+        if aux is not None:
+            out.loss = out.loss + aux
+            out.metrics["aux"] = aux.detach()
+        with torch.no_grad():
+            kept = f[f > 0]
+            if kept.numel():
+                out.updates["min_kept"] = kept.min()
+        return out
+
+    @torch.no_grad()
+    def after_step(self, sae: BatchTopKSAE, settings: BatchTopKSettings, out: LossOutput, first: bool) -> None:
+        low = out.updates.get("min_kept")
+        if low is None:
+            return
+        low = low.to(sae.threshold.dtype)
+        if first:
+            sae.threshold.copy_(low)
+        else:
+            sae.threshold.add_(settings.threshold_lr * (low - sae.threshold))
+
+
+register_sae_class(BatchTopKSAE, spec=BatchTopKTraining())

@@ -13,10 +13,12 @@ from torch import Tensor
 from ..config import SAEConfig
 from ..errors import ConfigError
 from .base import SAE, SparseLatents
+from .registry import register_sae_class
 
 
 class GroupMaxSAE(SAE):
     architecture = "groupmax"
+    uses_k = True
     sparse = True
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -32,3 +34,4 @@ class GroupMaxSAE(SAE):
         return SparseLatents(torch.relu(values), idx + offsets, self.cfg.d_sae)
 
 
+register_sae_class(GroupMaxSAE)  # inference only (no training spec)

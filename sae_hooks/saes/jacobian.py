@@ -1,28 +1,65 @@
-"""Jacobian SAE pairs (JSAE; Farnik, Lawson, Houghton, Aitchison, ICML 2025).
+"""Jacobian SAE pairs (JSAE; Farnik, Lawson, Houghton, Aitchison, ICML 2025), in one place: the frozen MLP
+copy, the sparse Jacobian, the pair, its config and folder format, and its training spec (loss).
 
 A :class:`JacobianSAEPair` holds two TopK SAEs around one MLP: ``sae_in`` on the MLP input
 (``blocks.L.ln2.hook_normalized`` in the paper's TransformerLens naming) and ``sae_out`` on the MLP output
-(``blocks.L.hook_mlp_out``), plus a frozen copy of the MLP (:class:`~sae_hooks.jacobian.FrozenMLP`) so the
+(``blocks.L.hook_mlp_out``), plus a frozen copy of the MLP (:class:`FrozenMLP`) so the
 Jacobian between the two latent sets can be computed on the active entries only
-(:func:`~sae_hooks.jacobian.sparse_jacobian`).
+(:func:`sparse_jacobian`).
 
 Which hook is the MLP input depends on the framework: in a legacy ``HookedTransformer`` loaded with
 ``fold_ln=True`` (what the paper used), ``ln2.hook_normalized`` is the MLP input. In a TransformerLens 4
 ``TransformerBridge`` ``ln2.hook_normalized`` is the *pre-affine* normalised residual; the MLP input
 is ``blocks.L.ln2.hook_out`` (= ``blocks.L.mlp.hook_in``). :func:`jsae_hooks` picks by ``bridge=``, and
-the trainer checks that ``MLP(input) == mlp_out`` on the first batch.
+``sae_hooks.train.jsae.check_mlp_input`` checks that ``MLP(input) == mlp_out`` on a model.
 
 The pair is saved as one folder (atomically): ``pair.json`` (format, version, layer, hooks, MLP
 activation), ``input/`` and ``output/`` (native SAE folders) and ``mlp.safetensors`` (the frozen MLP).
+
+**The Jacobian** between two SAEs' latents around one MLP, on the active entries only (JSAE, methods §2.2).
+
+The map ``s_in -> x_hat = s_in @ W_dec_in + b_dec_in -> y = MLP(x_hat) -> s_out = ReLU(TopK(y @ W_enc_out + b_enc_out))``
+is linear except for the MLP's elementwise activation and TopK. With the TopK sets held fixed, its
+Jacobian restricted to the ``k_out`` active output latents ``O`` and the ``k_in`` active input latents ``I``:
+
+* GPT-2-style MLP ``y = act(x W_in + b_in) W_out + b_out``::
+
+      J[o, i] = sum_m B[m, o] * act'(z_m) * A[i, m],   A = W_dec_in @ W_in,  B = W_out @ W_enc_out
+
+* gated (Llama-style) MLP ``y = (act(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out``::
+
+      J[o, i] = sum_m B[m, o] * (act(g_m) * A[i, m] + act'(g_m) * u_m * G[i, m]),   G = W_dec_in @ W_gate
+
+Only ``k_out x k_in`` entries per token are formed, never ``d_sae x d_sae``. ``act'`` comes from one
+autograd call on the elementwise activation. Rows of output latents whose value is 0 (TopK kept a
+non-positive pre-activation, which ReLU zeroes) are 0, as the derivative of ReLU there is 0.
+
+The MLP is a :class:`FrozenMLP`: a weight copy in the canonical layout, built from a Hugging Face
+GPT-2 / GPT-NeoX / Llama-style MLP module or a TransformerLens MLP by :meth:`FrozenMLP.from_module`
+(duck-typed: no framework import).
+
+Training (:class:`JacobianTraining`, methods §2.3-2.4), per batch of MLP inputs ``x (N, d_model)`` read at
+the pair's ``hook_in``::
+
+    loss = MSE(x_hat, x) + MSE(y_hat, y) + λ(t) · mean|J|,     y = MLP(x)
+
+MSEs are per-element means; ``mean|J|`` is over tokens × k_out × k_in. The output SAE is trained on
+``MLP(x)`` of the *true* input (computed with the pair's frozen MLP copy), never on ``MLP(x_hat)``, and
+the MLP is linearised at ``x``. λ rises linearly from 0 over ``jacobian_warmup`` (5 %) of the steps. The
+trainer (:mod:`sae_hooks.train`) keeps both SAEs' decoder rows at unit norm; the paper's Adam (β 0.9/0.999),
+learning-rate warm-up over 1 % and linear decay over the last 20 % of steps and gradient clipping at norm 1
+are what :func:`sae_hooks.train.jsae.train_jsae` sets.
+
+Attaching a pair to a model is the attach layer's job (:mod:`sae_hooks.intervene`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +72,218 @@ from torch import Tensor, nn
 from .._atomic import atomic_dir
 from .._files import read_safetensors, read_versioned_json
 from ..config import SAEConfig, Site
-from ..errors import ConfigError, SAEFormatError, did_you_mean
-from ..jacobian import FrozenMLP, SparseJacobian, check_pair_saes, sparse_jacobian
-from .base import SAE
+from ..errors import ConfigError, SAEFormatError, ShapeMismatchError, did_you_mean
+from .base import SAE, SparseLatents
 from .registry import build_sae
+from .training import ArchSettings, LossOutput, StepContext, TrainingSpec, fired_and_l0
+
+
+def _gelu_new(z: Tensor) -> Tensor:
+    return 0.5 * z * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * torch.pow(z, 3.0))))
+
+
+def _gelu_fast(z: Tensor) -> Tensor:
+    return 0.5 * z * (1.0 + torch.tanh(z * 0.7978845608 * (1.0 + 0.044715 * z * z)))
+
+
+#: Elementwise MLP activations by name (TransformerLens / Hugging Face names).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": _gelu_new,
+    "gelu_fast": _gelu_fast,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+#: Hugging Face / torch activation classes -> names above.
+_ACT_CLASSES = {
+    "NewGELUActivation": "gelu_new",
+    "GELUTanh": "gelu_new",
+    "PytorchGELUTanh": "gelu_new",
+    "FastGELUActivation": "gelu_fast",
+    "GELUActivation": "gelu",
+    "GELU": "gelu",
+    "ReLU": "relu",
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+}
+
+
+def activation_name(act: object) -> str:
+    """Name in :data:`ACTIVATIONS` of an activation module/function/string; :class:`ConfigError` if unknown."""
+    if isinstance(act, str):
+        name = act
+    elif type(act).__name__ in _ACT_CLASSES:
+        name = _ACT_CLASSES[type(act).__name__]
+        if name == "gelu" and getattr(act, "approximate", "none") == "tanh":
+            name = "gelu_new"
+    else:
+        name = {F.gelu: "gelu", F.relu: "relu", F.silu: "silu", torch.relu: "relu"}.get(act, "")  # type: ignore[arg-type]
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"unsupported MLP activation {act!r}; supported: {sorted(ACTIVATIONS)}")
+    return name
+
+
+class FrozenMLP(nn.Module):
+    """A frozen copy of an MLP in the canonical layout (buffers, so nothing trains them).
+
+    ``W_in (d_model, d_mlp)``, ``b_in (d_mlp)``, ``W_out (d_mlp, d_model)``, ``b_out (d_model)``, and for a
+    gated MLP ``W_gate (d_model, d_mlp)`` (+ ``b_gate``). ``act`` names the elementwise activation.
+    """
+
+    def __init__(self, W_in: Tensor, W_out: Tensor, act: str, b_in: Tensor | None = None, b_out: Tensor | None = None,
+                 W_gate: Tensor | None = None, b_gate: Tensor | None = None):
+        super().__init__()
+        if W_in.dim() != 2 or W_out.dim() != 2 or W_out.shape != (W_in.shape[1], W_in.shape[0]):
+            raise ShapeMismatchError(
+                f"MLP weights must be W_in (d_model, d_mlp) and W_out (d_mlp, d_model); got {tuple(W_in.shape)}, {tuple(W_out.shape)}"
+            )
+        if W_gate is not None and W_gate.shape != W_in.shape:
+            raise ShapeMismatchError(f"W_gate must have W_in's shape {tuple(W_in.shape)}, got {tuple(W_gate.shape)}")
+        self.act_name = activation_name(act)
+        d_model, d_mlp = W_in.shape
+        t = lambda v, n: (v if v is not None else torch.zeros(n, dtype=W_in.dtype)).detach().clone()  # noqa: E731
+        self.register_buffer("W_in", W_in.detach().clone())
+        self.register_buffer("b_in", t(b_in, d_mlp))
+        self.register_buffer("W_out", W_out.detach().clone())
+        self.register_buffer("b_out", t(b_out, d_model))
+        if W_gate is not None:
+            self.register_buffer("W_gate", W_gate.detach().clone())
+            self.register_buffer("b_gate", t(b_gate, d_mlp))
+
+    @property
+    def gated(self) -> bool:
+        return hasattr(self, "W_gate")
+
+    @property
+    def d_model(self) -> int:
+        return self.W_in.shape[0]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.W_in.shape[1]
+
+    def act(self, z: Tensor) -> Tensor:
+        return ACTIVATIONS[self.act_name](z)
+
+    def act_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(act(z), act'(z))`` elementwise, ``act'`` from one autograd call; both detached."""
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_(True)
+            a = self.act(zz)
+            (g,) = torch.autograd.grad(a.sum(), zz)
+        return a.detach(), g
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``MLP(x)``: ``(..., d_model) -> (..., d_model)``."""
+        x = x.to(self.W_in.dtype)
+        u = x @ self.W_in + self.b_in
+        h = self.act(x @ self.W_gate + self.b_gate) * u if self.gated else self.act(u)
+        return h @ self.W_out + self.b_out
+
+    def forward_with_grads(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(MLP(x), terms)`` where ``terms`` holds what the Jacobian needs, each ``(..., d_mlp)``:
+        ``{"act_grad": act'(z)}`` (plain) or ``{"act": act(g), "act_grad_u": act'(g) * u}`` (gated)."""
+        x = x.to(self.W_in.dtype)
+        u = x @ self.W_in + self.b_in
+        if self.gated:
+            a, g = self.act_and_grad(x @ self.W_gate + self.b_gate)
+            return (a * u) @ self.W_out + self.b_out, {"act": a, "act_grad_u": g * u}
+        a, g = self.act_and_grad(u)
+        return a @ self.W_out + self.b_out, {"act_grad": g}
+
+    @classmethod
+    def from_module(cls, module: nn.Module, act: object | None = None) -> FrozenMLP:
+        """Copy the weights of a GPT-2 (``c_fc``/``c_proj``), GPT-NeoX (``dense_h_to_4h``/``dense_4h_to_h``),
+        Llama-style (``gate_proj``/``up_proj``/``down_proj``) or TransformerLens (``W_in``/``W_out``[/``W_gate``])
+        MLP. Wrappers exposing ``original_component`` (TransformerLens 4 bridge) are unwrapped."""
+        inner = getattr(module, "original_component", None) or getattr(module, "_original_component", None)
+        if isinstance(inner, nn.Module):
+            module = inner
+        if hasattr(module, "c_fc") and hasattr(module, "c_proj"):  # HF GPT-2 Conv1D: weight (in, out)
+            return cls(module.c_fc.weight, module.c_proj.weight, act or module.act,
+                       module.c_fc.bias, module.c_proj.bias)
+        if hasattr(module, "dense_h_to_4h"):  # GPT-NeoX nn.Linear: weight (out, in)
+            a, b = module.dense_h_to_4h, module.dense_4h_to_h
+            return cls(a.weight.T, b.weight.T, act or module.act, a.bias, b.bias)
+        if hasattr(module, "gate_proj") and hasattr(module, "up_proj") and hasattr(module, "down_proj"):
+            g, u, d = module.gate_proj, module.up_proj, module.down_proj
+            return cls(u.weight.T, d.weight.T, act or module.act_fn, u.bias, d.bias, W_gate=g.weight.T, b_gate=g.bias)
+        if isinstance(getattr(module, "W_in", None), Tensor) and isinstance(getattr(module, "W_out", None), Tensor):
+            name = act or getattr(getattr(module, "cfg", None), "act_fn", None)
+            if name is None:
+                raise ConfigError(f"cannot tell the activation of {type(module).__name__}; pass act=<name>")
+            W_gate = getattr(module, "W_gate", None)
+            b_in = getattr(module, "b_in", None)
+            if W_gate is not None and b_in is not None and bool(b_in.abs().max() > 0):
+                # TL's GatedMLP adds b_in after the product (act(x W_gate) * x W_in + b_in): not this layout.
+                raise ConfigError("a TransformerLens GatedMLP with non-zero b_in is not covered by FrozenMLP")
+            return cls(module.W_in, module.W_out, name, None if W_gate is not None else b_in,
+                       getattr(module, "b_out", None), W_gate=W_gate)
+        raise ConfigError(
+            f"cannot read MLP weights from {type(module).__name__}: expected c_fc/c_proj (GPT-2), dense_h_to_4h "
+            "(GPT-NeoX), gate_proj/up_proj/down_proj (Llama) or W_in/W_out (TransformerLens)"
+        )
+
+
+@dataclass
+class SparseJacobian:
+    """``values (..., k_out, k_in)``: ``d s_out[out_indices[o]] / d s_in[in_indices[i]]``."""
+
+    values: Tensor
+    in_indices: Tensor  # (..., k_in)
+    out_indices: Tensor  # (..., k_out)
+
+    def abs_counts(self, thresholds: tuple[float, ...] = (0.005, 0.01, 0.02)) -> dict[float, float]:
+        """Mean number of ``|J| > t`` entries per token (out of ``k_out * k_in``), for each threshold."""
+        return jacobian_abs_counts(self.values, thresholds)
+
+
+def check_pair_saes(sae_in: SAE, sae_out: SAE, mlp: FrozenMLP) -> None:
+    """Raise :class:`ConfigError` / :class:`ShapeMismatchError` unless the pair fits the efficient Jacobian."""
+    for role, sae in (("input", sae_in), ("output", sae_out)):
+        if not sae.sparse:
+            raise ConfigError(f"the {role} SAE must be TopK-style (sparse latents), got architecture {sae.cfg.architecture!r}")
+        if sae.cfg.normalize != "none" or sae.cfg.skip:
+            raise ConfigError(
+                f"the {role} SAE has normalize={sae.cfg.normalize!r}, skip={sae.cfg.skip}: the efficient Jacobian "
+                "covers un-normalised SAEs without skip paths (as in the JSAE paper)"
+            )
+    if sae_in.cfg.output_dim != mlp.d_model or sae_out.cfg.d_in != mlp.d_model:
+        raise ShapeMismatchError(
+            f"input SAE writes {sae_in.cfg.output_dim}, output SAE reads {sae_out.cfg.d_in}, MLP d_model is {mlp.d_model}"
+        )
+
+
+def sparse_jacobian(
+    sae_in: SAE, sae_out: SAE, mlp: FrozenMLP, terms: dict[str, Tensor], lat_in: SparseLatents, lat_out: SparseLatents
+) -> Tensor:
+    """The Jacobian ``(..., k_out, k_in)`` on the active sets (formulas in the module docstring).
+
+    ``terms`` come from :meth:`FrozenMLP.forward_with_grads` at the point where the MLP is linearised.
+    Differentiable w.r.t. ``sae_in.W_dec`` and ``sae_out.W_enc`` (for the Jacobian sparsity loss).
+    """
+    B = mlp.W_out @ sae_out.W_enc  # (d_mlp, d_sae_out)
+    B_O = B.T[lat_out.indices]  # (..., k_out, d_mlp)
+    A_I = (sae_in.W_dec @ mlp.W_in)[lat_in.indices]  # (..., k_in, d_mlp)
+    if mlp.gated:
+        G_I = (sae_in.W_dec @ mlp.W_gate)[lat_in.indices]
+        J = (B_O * terms["act"][..., None, :]) @ A_I.transpose(-1, -2)
+        J = J + (B_O * terms["act_grad_u"][..., None, :]) @ G_I.transpose(-1, -2)
+    else:
+        J = (B_O * terms["act_grad"][..., None, :]) @ A_I.transpose(-1, -2)  # (..., k_out, k_in)
+    return J * (lat_out.values > 0).to(J.dtype)[..., None]
+
+
+def jacobian_abs_counts(J: Tensor, thresholds: tuple[float, ...] = (0.005, 0.01, 0.02)) -> dict[float, float]:
+    """Mean count per token of ``|J| > t`` (JSAE's ``jac_abs_above_t``); ``J`` is ``(..., k_out, k_in)``."""
+    a = J.detach().abs().flatten(-2)
+    return {t: (a > t).sum(-1).float().mean().item() for t in thresholds}
+
+
+# The pair ----------------------------------------------------------------------------------------
 
 PAIR_FORMAT = "sae_hooks.jsae_pair"
 PAIR_FORMAT_VERSION = 1
@@ -91,22 +336,30 @@ class JacobianSAEPair(nn.Module):
         check_pair_saes(sae_in, sae_out, mlp)
         self.sae_in, self.sae_out, self.mlp, self.cfg = sae_in, sae_out, mlp, cfg
 
-    def encode_pair(self, x: Tensor, use_reconstruction: bool = False) -> dict[str, Any]:
+    def encode_pair(self, x: Tensor, use_reconstruction: bool = False, training: bool = False) -> dict[str, Any]:
         """Everything one step needs, for MLP inputs ``x (..., d_model)``.
 
         The output SAE encodes ``MLP(x)`` (the true input, as in training) or ``MLP(x_hat)`` with
         ``use_reconstruction=True`` (JSAE's evals.py); the MLP is linearised at the same point.
+        ``training=True`` runs the SAEs' training encoders (same values, sparse backward).
         Returns ``lat_in``, ``x_hat``, ``y`` (the MLP output), ``lat_out``, ``y_hat``, ``jacobian`` (``(..., k_out, k_in)``).
         """
-        lat_in, _ = self.sae_in.encode_with_state(x)
+        lat_in = self._encode(self.sae_in, x, training)
         x_hat = self.sae_in.decode(lat_in)
         mlp_point = x_hat.detach() if use_reconstruction else x
         with torch.no_grad():
             y, terms = self.mlp.forward_with_grads(mlp_point)
-        lat_out, _ = self.sae_out.encode_with_state(y)
+        lat_out = self._encode(self.sae_out, y, training)
         y_hat = self.sae_out.decode(lat_out)
         J = sparse_jacobian(self.sae_in, self.sae_out, self.mlp, terms, lat_in, lat_out)
         return {"lat_in": lat_in, "x_hat": x_hat, "y": y, "lat_out": lat_out, "y_hat": y_hat, "jacobian": J}
+
+    @staticmethod
+    def _encode(sae: SAE, x: Tensor, training: bool) -> SparseLatents:
+        # check_pair_saes: no input normalisation, so the training encoder takes x as it is
+        if training:
+            return sae.encode_normalized(sae.flatten_input(x).to(sae.dtype), training=True)[0]  # type: ignore[return-value]
+        return sae.encode_with_state(x)[0]  # type: ignore[return-value]
 
     def jacobian(self, x: Tensor, use_reconstruction: bool = False) -> SparseJacobian:
         """The sparse Jacobian at MLP inputs ``x (..., d_model)``."""
@@ -115,25 +368,19 @@ class JacobianSAEPair(nn.Module):
 
     def loss(self, x: Tensor, jacobian_coefficient: float) -> tuple[Tensor, dict[str, float]]:
         """JSAE's loss (methods §2.3): ``MSE_in + MSE_out + λ · mean|J|`` (per-element means)."""
-        out = self.encode_pair(x)
-        mse_in = F.mse_loss(out["x_hat"], x.to(out["x_hat"].dtype))
-        mse_out = F.mse_loss(out["y_hat"], out["y"])
-        jac = out["jacobian"].abs().mean()
-        loss = mse_in + mse_out + jacobian_coefficient * jac
-        return loss, {"mse_in": mse_in.item(), "mse_out": mse_out.item(), "jacobian_l1": jac.item(), "loss": loss.item()}
+        out = JacobianTraining.pair_loss(self, x, jacobian_coefficient)
+        return out.loss, {k: float(v) for k, v in out.metrics.items()} | {"loss": out.loss.item()}
 
     # Persistence ---------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the pair folder atomically (see the module docstring)."""
-        from ..native import save as save_native
-
         path = Path(path)
         header = {"format": PAIR_FORMAT, "format_version": PAIR_FORMAT_VERSION, **self.cfg.to_dict(),
                   "mlp_act": self.mlp.act_name}
         with atomic_dir(path) as tmp:
-            save_native(self.sae_in, tmp / "input")
-            save_native(self.sae_out, tmp / "output")
+            self.sae_in.save(tmp / "input")
+            self.sae_out.save(tmp / "output")
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.mlp.state_dict().items()}
             save_file(tensors, str(tmp / MLP_FILE), metadata={"format": PAIR_FORMAT})
             (tmp / PAIR_FILE).write_text(json.dumps(header, indent=2) + "\n")
@@ -142,8 +389,6 @@ class JacobianSAEPair(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> JacobianSAEPair:
         """Load a folder written by :meth:`save`."""
-        from ..native import load as load_native
-
         path = Path(path)
         data = read_versioned_json(path / PAIR_FILE, PAIR_FORMAT, PAIR_FORMAT_VERSION, "missing; not a JSAE pair folder")
         act = data.pop("mlp_act", None)
@@ -154,7 +399,7 @@ class JacobianSAEPair(nn.Module):
         if not needed <= set(t):
             raise SAEFormatError(f"{mlp_path}: missing tensors {sorted(needed - set(t))}")
         mlp = FrozenMLP(t["W_in"], t["W_out"], act, t["b_in"], t["b_out"], t.get("W_gate"), t.get("b_gate"))
-        return cls(load_native(path / "input", device=device), load_native(path / "output", device=device), mlp, cfg)
+        return cls(SAE.load(path / "input", device=device), SAE.load(path / "output", device=device), mlp, cfg)
 
 
 def make_jsae_pair(
@@ -184,92 +429,54 @@ def make_jsae_pair(
     return JacobianSAEPair(saes[0], saes[1], frozen, JSAEPairConfig(layer, hook_in, hook_out, model_name))
 
 
-# Attaching to a model --------------------------------------------------------------------------------
+# Training -------------------------------------------------------------------------------------------
 
 
-class PairAttachment:
-    """The pair attached to a model (any adapter). ``att_in`` / ``att_out`` are the two SAEs'
-    :class:`~sae_hooks.attach.Attachment` (their latents are recorded under their hook names, e.g.
-    ``cache["blocks.2.ln2.hook_out.hook_sae_acts_post"]``); ``jacobian`` holds the last forward pass's
-    :class:`~sae_hooks.jacobian.SparseJacobian` when ``jacobian=True``."""
+@dataclass
+class JSAESettings(ArchSettings):
+    """``jacobian_coefficient`` λ of the loss; ``jacobian_warmup``: λ rises linearly from 0 over this
+    fraction of the run's steps."""
 
-    def __init__(self) -> None:
-        self.att_in = None
-        self.att_out = None
-        self.jacobian: SparseJacobian | None = None
-        self._removers: list[Any] = []
-
-    def remove(self) -> None:
-        for r in reversed(self._removers):
-            r()
-        self._removers.clear()
-
-    def __enter__(self) -> PairAttachment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    jacobian_coefficient: float = 1.0
+    jacobian_warmup: float = 0.05
 
 
-def attach_pair(
-    model: Any,
-    pair: JacobianSAEPair,
-    *,
-    splice: str = "none",
-    error_term: bool = False,
-    jacobian: bool = True,
-    use_reconstruction: bool = False,
-    **add_sae_kwargs: Any,
-) -> PairAttachment:
-    """Attach both SAEs of ``pair`` to a model given the SAE API by an adapter.
+class JacobianTraining(TrainingSpec):
+    """JSAE's loss (see the module docstring). Unit-norm decoder rows for both SAEs."""
 
-    Args:
-        splice: ``"none"`` (capture both), ``"in"``, ``"out"`` or ``"both"``: which SAE's
-            reconstruction the forward pass continues with.
-        error_term: splice with the error term (see :meth:`~sae_hooks.attach.SAEManager.add_sae`).
-        jacobian: compute the sparse Jacobian at the *true* MLP input each forward pass
-            (``use_reconstruction=True``: at the input SAE's reconstruction) into ``.jacobian``.
-        add_sae_kwargs: passed to both ``add_sae`` calls (e.g. ``skip_positions``).
-    """
-    if splice not in ("none", "in", "out", "both"):
-        raise ValueError(f"splice must be 'none', 'in', 'out' or 'both', got {splice!r}")
-    manager = getattr(model, "sae_manager", None)
-    if manager is None:
-        raise TypeError("attach_pair needs a model with the SAE API: call an adapter's attach(model) first")
-    pa = PairAttachment()
-    try:
-        if jacobian:  # installed before the input SAE so it sees the true MLP input
-            site = manager.backend.resolve(pair.cfg.hook_in)
+    settings = JSAESettings
 
-            def jac_hook(x: Tensor) -> None:
-                with torch.no_grad():
-                    pa.jacobian = pair.jacobian(x, use_reconstruction)
-                return None
+    @staticmethod
+    def coefficient_at(settings: JSAESettings, step: int, total_steps: int | None) -> float:
+        warm = settings.jacobian_warmup * max(1, total_steps or 1)
+        return settings.jacobian_coefficient * (min(1.0, step / warm) if warm > 0 else 1.0)
 
-            pa._removers.append(manager.backend.install(site, jac_hook))
-        pa.att_in = model.add_sae(pair.sae_in, hook=pair.cfg.hook_in, splice=splice in ("in", "both"),
-                                  error_term=error_term, **add_sae_kwargs)
-        pa._removers.append(pa.att_in.remove)
-        pa.att_out = model.add_sae(pair.sae_out, hook=pair.cfg.hook_out, splice=splice in ("out", "both"),
-                                   error_term=error_term, **add_sae_kwargs)
-        pa._removers.append(pa.att_out.remove)
-    except BaseException:
-        pa.remove()
-        raise
-    return pa
+    @staticmethod
+    def pair_loss(pair: JacobianSAEPair, x: Tensor, coefficient: float) -> LossOutput:
+        out = pair.encode_pair(x, training=True)
+        mse_in = F.mse_loss(out["x_hat"], x.to(out["x_hat"].dtype))
+        mse_out = F.mse_loss(out["y_hat"], out["y"])
+        jac = out["jacobian"].abs().mean()
+        loss = mse_in + mse_out + coefficient * jac
+        fired_in, l0_in = fired_and_l0(out["lat_in"], pair.sae_in.cfg.d_sae)
+        fired_out, l0_out = fired_and_l0(out["lat_out"], pair.sae_out.cfg.d_sae)
+        metrics = {"mse_in": mse_in.detach(), "mse_out": mse_out.detach(), "jacobian_l1": jac.detach(),
+                   "l0_in": l0_in, "l0_out": l0_out, "jacobian_coefficient": torch.tensor(float(coefficient))}
+        return LossOutput(loss, torch.cat([fired_in, fired_out]), metrics)
+
+    def loss(self, pair: JacobianSAEPair, x: Tensor, target: Tensor | None, settings: JSAESettings, ctx: StepContext) -> LossOutput:
+        return self.pair_loss(pair, x, self.coefficient_at(settings, ctx.step, ctx.total_steps))
 
 
-@contextlib.contextmanager
-def pair_attached(model: Any, pair: JacobianSAEPair, **kwargs: Any) -> Iterator[PairAttachment]:
-    """``with pair_attached(model, pair, splice="both") as pa: ...`` -- removed even on an exception."""
-    pa = attach_pair(model, pair, **kwargs)
-    try:
-        yield pa
-    finally:
-        pa.remove()
+def jacobian_metrics(pair: JacobianSAEPair, x: Tensor, thresholds: tuple[float, ...] = (0.005, 0.01, 0.02),
+                     use_reconstruction: bool = False) -> dict[float, float]:
+    """Mean count per token of ``|J| > t`` at MLP inputs ``x (N, d_model)`` (for evaluation code)."""
+    with torch.no_grad():
+        return pair.jacobian(x, use_reconstruction).abs_counts(thresholds)
 
 
 __all__ = [
-    "JSAEPairConfig", "JacobianSAEPair", "PairAttachment", "attach_pair", "jsae_hooks", "make_jsae_pair",
-    "pair_attached",
+    "ACTIVATIONS", "FrozenMLP", "JSAEPairConfig", "JSAESettings", "JacobianSAEPair", "JacobianTraining", "SparseJacobian",
+    "activation_name", "check_pair_saes", "jacobian_abs_counts", "jacobian_metrics", "jsae_hooks", "make_jsae_pair",
+    "sparse_jacobian",
 ]

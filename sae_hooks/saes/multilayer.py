@@ -16,6 +16,20 @@ before the SAE, for training and evaluation data -- see :func:`zero_special_toke
 :mod:`sae_hooks.train.mlsae` and :mod:`sae_hooks.multilayer_metrics`. When a user attaches an MLSAE to a
 model, ``skip_tokens=[...]`` instead *bypasses* those positions (the SAE leaves them untouched and
 records zero latents), which is the SAELens-style behaviour of every other SAE here.
+
+Training (:class:`MultiLayerTraining`, MLSAE's ``MSELoss`` + ``AuxiliaryLoss``), with ``x_l`` the raw
+residuals of layer ``l`` in the batch and ``x_hat`` the de-standardised reconstruction::
+
+    loss = mean_l( mean((x_hat_l - x_l)^2) / var(x_l) ) + aux_coefficient * AuxK
+
+``var`` is the unbiased scalar variance of all of the layer's entries in the batch. AuxK (Gao et al.):
+``e = x - x_hat`` (detached, raw space); ``r`` = :func:`~.training.dead_reconstruction` mapped to raw
+space by the per-vector scale (no bias); ``AuxK = mean((e - r)^2) / mean((e - mean_d e)^2)``. Deviation
+from the MLSAE code, on purpose: its ``r`` stays in standardised space and carries ``+ b_pre`` (a quirk
+methods §1.2 flags). A latent fires when it is in a TopK set with value > 1e-3. Unit-norm decoder rows
+(gradient parallel to them removed). ``b_dec`` starts at the geometric median of the first batch's
+*standardised* inputs, pooled over layers -- the space where it is used (MLSAE's code uses the raw
+inputs, a quirk we do not copy); the trainer's objective does that (:mod:`sae_hooks.train.objectives`).
 """
 
 from __future__ import annotations
@@ -29,7 +43,9 @@ from torch import Tensor
 from ..config import SAEConfig, Site
 from ..errors import ConfigError, ShapeMismatchError
 from .base import SparseLatents
+from .registry import register_sae_class
 from .topk import TopKSAE
+from .training import AuxKSettings, LossOutput, StepContext, TrainingSpec, dead_reconstruction
 
 RESID_POST = "blocks.{}.hook_resid_post"
 
@@ -73,6 +89,41 @@ class MultiLayerSAE(TopKSAE):
         if x.dim() < 2:
             raise ShapeMismatchError(f"encode_layers expects (n_layers, ..., d_in={self.cfg.d_in}), got {tuple(x.shape)}")
         return self.encode_with_state(x)  # type: ignore[return-value]
+
+
+class MultiLayerTraining(TrainingSpec):
+    """MLSAE's loss on stacked raw residuals ``x (n_layers, N, d_in)`` (special tokens already zeroed)."""
+
+    settings = AuxKSettings
+    fired_above = 1e-3
+
+    def loss(self, sae: MultiLayerSAE, x: Tensor, target: Tensor | None, settings: AuxKSettings, ctx: StepContext) -> LossOutput:
+        if x.dim() != 3 or x.shape[-1] != sae.cfg.d_in:
+            raise ShapeMismatchError(f"MLSAE training batches are (n_layers, N, d_in={sae.cfg.d_in}), got {tuple(x.shape)}")
+        x = x.to(sae.dtype)
+        L, N, d = x.shape
+        xs, state = sae.normalize_input(x.reshape(L * N, d))
+        lat, pre = sae.encode_normalized(xs, training=True)
+        x_hat = sae.decode(lat, state).reshape(L, N, d)
+        fvu_l = (x_hat - x).pow(2).mean((1, 2)) / x.reshape(L, -1).var(-1).clamp_min(1e-12)
+        loss = fvu_l.mean()
+        with torch.no_grad():
+            active = lat.values > self.fired_above
+            fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
+            fired[lat.indices[active]] = True
+        aux = torch.zeros((), device=x.device)
+        r = dead_reconstruction(sae, xs - sae.b_dec, pre, ctx.dead, settings.aux_k) if settings.aux_coefficient else None
+        if r is not None:
+            e = (x - x_hat).reshape(L * N, d).detach()
+            r = r * state.scale
+            aux = (e - r).pow(2).mean() / (e - e.mean(-1, keepdim=True)).pow(2).mean().clamp_min(1e-12)
+            loss = loss + settings.aux_coefficient * aux
+        metrics = {"fvu": fvu_l.mean().detach(), "aux": aux.detach(), "l0": active.sum(-1).float().mean(),
+                   **{f"fvu_layer{i}": v.detach() for i, v in enumerate(fvu_l)}}
+        return LossOutput(loss, fired, metrics)
+
+
+register_sae_class(MultiLayerSAE, spec=MultiLayerTraining())
 
 
 def make_mlsae(

@@ -1,237 +1,156 @@
 """Resumable training checkpoints, written atomically (a crash mid-save leaves the previous one).
 
-A checkpoint folder holds ``trainer.json`` (counters, settings, SAE configs, optimiser hyper-parameters,
-the source position) and ``tensors.safetensors`` (SAE weights, Adam moments and step counts,
-dead-latent counters, the shuffle buffer's rows and generator, the global RNG states). Nothing is
-pickled. Resuming (:func:`load_checkpoint` on a freshly built trainer with the same entry names, and
-the same source recreated) continues the run exactly: on CPU, the weights after resuming equal the
-uninterrupted run's bit for bit.
+A checkpoint folder holds ``trainer.json`` (counters, every entry's settings, objective state and
+optimiser hyper-parameters, the source position) and ``tensors.safetensors`` (weights, optimiser moments
+and step counts, dead-latent counters, first batches held for the statistics, the shuffle buffer's rows
+and generator, the global RNG states). Nothing is pickled. What goes in is the trainer's
+``state_dict(buffer)`` (:meth:`~.trainer.Trainer.state_dict`), so every objective (SAE, transcoder,
+MLSAE, Jacobian pair) checkpoints the same way. Resuming (:func:`load_checkpoint` on a freshly built
+trainer with the same entry names, and the same source recreated) continues the run exactly: on CPU,
+the weights after resuming equal the uninterrupted run's bit for bit.
+
+This module only reads and writes files: it does not import the trainer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
+
+import torch
 
 from .._atomic import atomic_dir, recover
 from .._files import read_json, read_safetensors
-from ..config import SAEConfig
 from ..errors import ConfigError, SAEFormatError, SAEHooksError
-from .trainer import EntryState, Trainer, TrainSettings
 
 STATE_FILE = "trainer.json"
 TENSORS_FILE = "tensors.safetensors"
-VERSION = 1
+VERSION = 2
 
 
-def _optimizer_split(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
-        for key, value in st.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{idx}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return {"param_groups": groups, "scalars": scalars, "indices": sorted(sd["state"])}, tensors
-
-
-def _optimizer_join(meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str, device: torch.device) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for idx in meta["indices"]:
-        entry: dict[str, Any] = dict(meta["scalars"].get(str(idx), {}))
-        pre = f"{prefix}.{idx}."
-        for name, t in tensors.items():
-            if name.startswith(pre):
-                key = name[len(pre):]
-                entry[key] = t if key == "step" else t.to(device)
-        state[int(idx)] = entry
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def save_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = None) -> Path:
+def save_checkpoint(trainer: Any, path: str | os.PathLike, buffer: Any = None) -> Path:
     """Write a checkpoint of ``trainer`` (and ``buffer``'s position and rows) to the folder ``path``."""
     path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    entries = {}
-    for e in trainer.entries:
-        for k, v in e.sae.state_dict().items():
-            tensors[f"sae.{e.name}.{k}"] = v.detach().contiguous().cpu()
-        opt_meta, opt_tensors = _optimizer_split(e.optimizer, f"opt.{e.name}")
-        tensors.update(opt_tensors)
-        tensors[f"dead.{e.name}"] = e.tokens_since_fired.cpu()
-        entries[e.name] = {
-            "site": e.site,
-            "site_out": e.site_out,
-            "settings": e.settings.to_dict(),
-            "state": vars(e.state),
-            "sae_cfg": e.sae.cfg.to_dict(),
-            "optimizer": opt_meta,
-        }
-    meta: dict[str, Any] = {
-        "version": VERSION,
-        "step": trainer.step_count,
-        "tokens_seen": trainer.tokens_seen,
-        "entries": entries,
-        "python_random": _jsonable_random_state(),
-    }
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    if buffer is not None:
-        buf_meta, buf_tensors = buffer.state_dict()
-        meta["buffer"] = buf_meta
-        tensors.update({f"buffer.{k}": v for k, v in buf_tensors.items()})
+    meta, tensors = trainer.state_dict(buffer)
+    meta = {"version": VERSION, **meta}
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return path
 
 
-def load_checkpoint(trainer: Trainer, path: str | os.PathLike, buffer: Any = None) -> dict[str, Any]:
-    """Restore ``trainer`` (built with the same entry names) and ``buffer`` from ``path``; returns the metadata."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metadata, tensors)`` of a checkpoint folder (typed errors for a missing or foreign folder)."""
     path = Path(path)
-    recover(path)
+    recover(path)  # a writer killed mid-swap: finish its swap first
     meta = read_json(path / STATE_FILE, f"missing: {path} is not a training checkpoint")
-    tensors = read_safetensors(path / TENSORS_FILE)
-    if meta.get("version") != VERSION:
-        raise SAEFormatError(f"{path}: checkpoint version {meta.get('version')!r} is not {VERSION}")
-    _validate(trainer, meta, tensors, path)
+    if not isinstance(meta, dict) or meta.get("version") != VERSION:
+        got = meta.get("version") if isinstance(meta, dict) else None
+        raise SAEFormatError(f"{path}: checkpoint version {got!r} is not {VERSION}")
+    return meta, read_safetensors(path / TENSORS_FILE)
+
+
+def load_checkpoint(trainer: Any, path: str | os.PathLike, buffer: Any = None) -> dict[str, Any]:
+    """Restore ``trainer`` (built with the same entry names) and ``buffer`` from ``path``; returns the metadata."""
+    meta, tensors = read_checkpoint(path)
+    validate_checkpoint(trainer, meta, tensors, Path(path))
     try:
-        return _restore(trainer, meta, tensors, path, buffer)
+        trainer.load_state_dict(meta, tensors, buffer, where=str(path))
     except SAEHooksError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # what _validate cannot foresee
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # what validation cannot foresee
         raise SAEFormatError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
+    return meta
 
 
-def _validate(trainer: Trainer, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse a checkpoint whose structure, tensors or configs disagree, before the trainer is touched."""
+def validate_checkpoint(trainer: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a checkpoint whose structure, tensors or shapes disagree with ``trainer``, before it is touched.
+
+    Checked: the counters and RNG state; per entry, every key of its metadata, every weight of its model
+    (present, floating point, the trainer's shape, finite), its dead-latent counter and its optimiser
+    state (indices of real parameters, the parameters' shapes, the same keys for every parameter).
+    """
+    state_file, tensor_file = path / STATE_FILE, path / TENSORS_FILE
+
     def need(obj: Any, key: str, typ: type | tuple[type, ...], where: str) -> Any:
         if not isinstance(obj, dict) or key not in obj:
-            raise SAEFormatError(f"{path / STATE_FILE}: {where} lacks key {key!r}")
+            raise SAEFormatError(f"{state_file}: {where} lacks key {key!r}")
         value = obj[key]
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise SAEFormatError(f"{path / STATE_FILE}: {where}[{key!r}] is {type(value).__name__} {value!r}")
+            raise SAEFormatError(f"{state_file}: {where}[{key!r}] is {type(value).__name__} {value!r}")
         return value
 
     for key in ("step", "tokens_seen"):
         if need(meta, key, int, "the checkpoint") < 0:
-            raise SAEFormatError(f"{path / STATE_FILE}: {key} is negative ({meta[key]})")
+            raise SAEFormatError(f"{state_file}: {key} is negative ({meta[key]})")
     rnd = need(meta, "python_random", list, "the checkpoint")
     if len(rnd) != 3 or not isinstance(rnd[1], list):
-        raise SAEFormatError(f"{path / STATE_FILE}: python_random is not a saved random state")
+        raise SAEFormatError(f"{state_file}: python_random is not a saved random state")
     entries = need(meta, "entries", dict, "the checkpoint")
     names = sorted(e.name for e in trainer.entries)
     if sorted(entries) != names:
         raise ConfigError(f"{path}: checkpoint has entries {sorted(entries)}, the trainer has {names}")
     rng = tensors.get("rng.torch")
-    if rng is None or rng.dtype != torch.uint8:
-        raise SAEFormatError(f"{path / TENSORS_FILE}: missing or malformed tensor 'rng.torch'")
+    if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise SAEFormatError(f"{tensor_file}: missing or malformed tensor 'rng.torch'")
     for e in trainer.entries:
         em = need(entries, e.name, dict, "entries")
-        for key, typ in (("settings", dict), ("state", dict), ("sae_cfg", dict), ("optimizer", dict)):
-            need(em, key, typ, f"entry {e.name!r}")
-        try:
-            cfg = SAEConfig.from_dict(em["sae_cfg"])
-        except ConfigError as err:
-            raise ConfigError(f"{path / STATE_FILE}: entry {e.name!r}: {err}") from None
-        for field in ("architecture", "d_in", "d_sae", "d_out"):
-            if getattr(cfg, field) != getattr(e.sae.cfg, field):
-                raise ConfigError(
-                    f"{path}: entry {e.name!r} was saved with {field}={getattr(cfg, field)!r}, "
-                    f"the trainer's SAE has {field}={getattr(e.sae.cfg, field)!r}"
-                )
-        prefix = f"sae.{e.name}."
-        for name, param in e.sae.state_dict().items():
-            t = tensors.get(prefix + name)
+        where = f"entry {e.name!r}"
+        for key, typ in (("sites", list), ("kind", str), ("settings", dict), ("state", dict), ("objective", dict),
+                         ("optimizer", dict)):
+            need(em, key, typ, where)
+        if list(em["sites"]) != list(e.sites) or em["kind"] != e.objective.kind:
+            raise ConfigError(
+                f"{path}: {where} was a {em['kind']} trained at {em['sites']}, not a {e.objective.kind} at {list(e.sites)}"
+            )
+        pre = f"entry.{e.name}."
+        module = e.objective.module
+        for name, param in module.state_dict().items():
+            key = f"{pre}model.{name}"
+            t = tensors.get(key)
             if t is None:
-                raise SAEFormatError(f"{path / TENSORS_FILE}: missing tensor {prefix + name!r}")
-            if tuple(t.shape) != tuple(param.shape) or not t.is_floating_point():
+                raise SAEFormatError(f"{tensor_file}: missing tensor {key!r}")
+            if tuple(t.shape) != tuple(param.shape) or t.is_floating_point() != param.is_floating_point():
                 raise SAEFormatError(
-                    f"{path / TENSORS_FILE}: tensor {prefix + name!r} is {t.dtype} {tuple(t.shape)}, "
-                    f"the config implies a float tensor of shape {tuple(param.shape)}"
+                    f"{tensor_file}: tensor {key!r} is {t.dtype} {tuple(t.shape)}; {where} needs "
+                    f"{param.dtype} {tuple(param.shape)} (the checkpoint disagrees with the trainer's configuration)"
                 )
-            if not bool(torch.isfinite(t).all()):
-                raise SAEFormatError(f"{path / TENSORS_FILE}: tensor {prefix + name!r} holds NaN/inf values")
-        extra = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] not in e.sae.state_dict()]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise SAEFormatError(f"{tensor_file}: tensor {key!r} holds NaN/inf values")
+        extra = [k for k in tensors if k.startswith(pre + "model.") and k[len(pre) + 6:] not in module.state_dict()]
         if extra:
-            raise SAEFormatError(f"{path / TENSORS_FILE}: unexpected tensors {extra} for entry {e.name!r}")
-        dead = tensors.get(f"dead.{e.name}")
-        if dead is None or tuple(dead.shape) != (e.sae.cfg.d_sae,):
-            raise SAEFormatError(f"{path / TENSORS_FILE}: missing or misshapen tensor 'dead.{e.name}' (want ({e.sae.cfg.d_sae},))")
+            raise SAEFormatError(f"{tensor_file}: unexpected tensors {extra} for {where}")
+        dead = tensors.get(pre + "dead")
+        if dead is None or tuple(dead.shape) != tuple(e.tokens_since_fired.shape):
+            raise SAEFormatError(
+                f"{tensor_file}: missing or misshapen tensor '{pre}dead' (want {tuple(e.tokens_since_fired.shape)})"
+            )
         opt = em["optimizer"]
         for key, typ in (("param_groups", list), ("scalars", dict), ("indices", list)):
-            need(opt, key, typ, f"entry {e.name!r} optimizer")
+            need(opt, key, typ, f"{where} optimizer")
         params = [p for g in e.optimizer.param_groups for p in g["params"]]
-        pre = f"opt.{e.name}."
         per_index: dict[str, set[str]] = {}
         for k in tensors:
-            if k.startswith(pre):
-                idx_s, _, key = k[len(pre):].partition(".")
-                per_index.setdefault(idx_s, set()).add(key)
-        if sorted(per_index) != sorted(str(i) for i in opt["indices"]) or len({frozenset(v) for v in per_index.values()}) > 1:
+            if k.startswith(pre + "opt."):
+                idx_s, _, sub = k[len(pre) + 4:].partition(".")
+                per_index.setdefault(idx_s, set()).add(sub)
+        indices = opt["indices"]
+        if (not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(params) for i in indices)
+                or sorted(per_index) != sorted(str(i) for i in indices)
+                or len({frozenset(v) for v in per_index.values()}) > 1):
             raise SAEFormatError(
-                f"{path / TENSORS_FILE}: optimizer state of entry {e.name!r} is incomplete "
-                f"(tensors for parameters {sorted(per_index)}, expected {sorted(opt['indices'])}, each with the same keys)"
+                f"{tensor_file}: optimizer state of {where} is inconsistent (indices {indices!r} for "
+                f"{len(params)} parameters; tensors for {sorted(per_index)}, each with the same keys)"
             )
-        for idx in opt["indices"]:
-            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(params):
-                raise SAEFormatError(f"{path / STATE_FILE}: entry {e.name!r}: optimizer index {idx!r} is not a parameter")
+        for i in indices:
             for moment in ("exp_avg", "exp_avg_sq"):
-                t = tensors.get(f"opt.{e.name}.{idx}.{moment}")
-                if t is not None and tuple(t.shape) != tuple(params[idx].shape):
+                t = tensors.get(f"{pre}opt.{i}.{moment}")
+                if t is not None and tuple(t.shape) != tuple(params[i].shape):
                     raise SAEFormatError(
-                        f"{path / TENSORS_FILE}: optimizer tensor 'opt.{e.name}.{idx}.{moment}' has shape "
-                        f"{tuple(t.shape)}, its parameter {tuple(params[idx].shape)}"
+                        f"{tensor_file}: optimizer tensor '{pre}opt.{i}.{moment}' has shape {tuple(t.shape)}, its "
+                        f"parameter {tuple(params[i].shape)}"
                     )
-
-
-def _restore(trainer: Trainer, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, buffer: Any) -> dict[str, Any]:
-    for e in trainer.entries:
-        em = meta["entries"][e.name]
-        if em["site"] != e.site:
-            raise ConfigError(f"{path}: entry {e.name!r} was trained at {em['site']!r}, not {e.site!r}")
-        if em.get("site_out") != e.site_out:
-            raise ConfigError(f"{path}: entry {e.name!r} was trained with site_out {em.get('site_out')!r}, not {e.site_out!r}")
-        e.settings = TrainSettings.from_dict(em["settings"])
-        e.state = EntryState(**em["state"])
-        e.sae.cfg = SAEConfig.from_dict(em["sae_cfg"])
-        prefix = f"sae.{e.name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        e.sae.load_state_dict(state)
-        e.optimizer.load_state_dict(_optimizer_join(em["optimizer"], tensors, f"opt.{e.name}", e.sae.device))
-        e.tokens_since_fired = tensors[f"dead.{e.name}"].to(e.sae.device)
-    trainer.step_count = int(meta["step"])
-    trainer.tokens_seen = int(meta["tokens_seen"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    _restore_random_state(meta["python_random"])
-    if buffer is not None:
-        if "buffer" not in meta:
-            raise ConfigError(f"{path}: the checkpoint has no buffer state")
-        buf = {k[len("buffer."):]: v for k, v in tensors.items() if k.startswith("buffer.")}
-        buffer.load_state_dict(meta["buffer"], buf)
-    return meta
-
-
-def _jsonable_random_state() -> list[Any]:
-    version, state, gauss = random.getstate()
-    return [version, list(state), gauss]
-
-
-def _restore_random_state(data: list[Any]) -> None:
-    version, state, gauss = data
-    random.setstate((version, tuple(state), gauss))

@@ -1,6 +1,7 @@
 """Training past one process with ``torch.distributed`` (launched with ``torchrun``).
 
-Two modes, both driven by :class:`DistributedTrainer`:
+Two modes, both driven by :class:`DistributedTrainer` (the one :class:`~.trainer.Trainer` loop, so every
+objective -- SAEs, transcoders, multi-layer SAEs, Jacobian pairs -- trains distributed the same way):
 
 * ``"ddp"`` (data-parallel): every rank holds every SAE and reads its own shard of the data. After
   each backward, the gradients are summed across ranks weighted by each rank's share of the tokens
@@ -8,12 +9,13 @@ Two modes, both driven by :class:`DistributedTrainer`:
   over tokens), *before* the decoder's parallel gradient is removed, the gradient clipped and Adam
   stepped; so every rank takes the same step and the unit-norm projection that follows gives the same
   weights everywhere. The rest of the step is made global too: the first batch (input scale, ``b_dec``
-  geometric median, the TopK MSE scale) is all-gathered, "fired" flags are OR-ed and token counts
+  geometric median, the TopK MSE scale) is all-gathered, batch by batch, "fired" flags are OR-ed and token counts
   summed (dead latents agree), the AuxK normaliser is the variance of the residual over every rank's
   rows, NaN/inf skips are decided by all ranks together, and the metrics are averaged. TopK keeps its
   sparse decode and sparse backward: only the dense parameter gradients travel. ``batchtopk``'s batch
   top-k is taken per rank (as with a ``world_size`` times smaller batch) and its inference threshold
-  averaged across ranks; the other architectures equal one process on the global batch.
+  averaged across ranks (the buffers a training spec lists in ``synced_buffers``); the other
+  architectures equal one process on the global batch.
 * ``"shard"`` (SAE-per-rank, sparsify's ``distribute_modules``): every rank reads the *same* data and
   trains only its subset of the entries (:func:`assign_entries`, balanced by parameter count); no
   gradient communication. Rank 0 gathers the other ranks' entries to write checkpoints and final SAEs.
@@ -47,9 +49,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..saes.base import SAE
 from . import checkpoint as _ckpt
-from .trainer import EntryState, Trainer, TrainEntry, TrainSettings, _flat_metrics, _progress_bar, _summary
+from .trainer import Trainer, TrainEntry
 
 MODES = ("ddp", "shard")
 
@@ -148,25 +149,26 @@ def assign_entries(entries: Sequence[TrainEntry], world_size: int) -> list[int]:
 
 
 class GradSync:
-    """What :meth:`TrainEntry.train_step` calls (``entry.sync``) to make one data-parallel step global.
-
-    ``n_local``/``n_total`` (this rank's and all ranks' rows in the current batch) are set by
-    :meth:`DistributedTrainer.step` before the entries step.
-    """
+    """What a :class:`~.trainer.TrainEntry` calls (``entry.sync``) to make one data-parallel step global;
+    the single-process version is :class:`~.trainer.LocalSync`. ``n_total`` (all ranks' rows in the
+    current batch) is set by :meth:`DistributedTrainer.step` before the entries step."""
 
     def __init__(self, group: Any = None):
         self.group = group
         self.world = dist.get_world_size(group)
-        self.n_local = 0
         self.n_total = 0
-
-    def all_true(self, flag: bool) -> bool:
-        t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=self._device())
-        dist.all_reduce(t, group=self.group)
-        return int(t.item()) == 0
 
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+
+    def _sum(self, t: Tensor) -> Tensor:
+        dev = t.device
+        t = t.to(self._device())
+        dist.all_reduce(t, group=self.group)
+        return t.to(dev)
+
+    def all_true(self, flag: bool) -> bool:
+        return int(self._sum(torch.tensor([0 if flag else 1], dtype=torch.int64)).item()) == 0
 
     def gather_rows(self, x: Tensor) -> Tensor:
         """``(sum n_r, d)``: every rank's rows, in rank order (for the first-batch statistics)."""
@@ -182,59 +184,49 @@ class GradSync:
         dist.all_gather(parts, pad, group=self.group)
         return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(dev)
 
-    def after_backward(self, sae: SAE) -> None:
+    def after_backward(self, params: Sequence[Tensor], n_local: int) -> None:
         """Sum the gradients weighted by ``n_local / n_total`` (one flat all-reduce; a gradient absent
-        everywhere stays ``None``), and average the BatchTopK threshold the loss just updated."""
-        params = [p for p in sae.parameters() if p.requires_grad]
-        w = self.n_local / self.n_total
+        everywhere stays ``None``)."""
+        w = n_local / self.n_total
         flat = [p.grad.reshape(-1) * w if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for p in params]
         present = torch.tensor([p.grad is not None for p in params], dtype=flat[0].dtype, device=flat[0].device)
-        buf = torch.cat([*flat, present])
-        thr = getattr(sae, "threshold", None)
-        avg_thr = sae.cfg.architecture == "batchtopk" and isinstance(thr, Tensor) and not thr.requires_grad
-        if avg_thr:
-            buf = torch.cat([buf, thr.reshape(-1).to(buf.dtype) / self.world])
-        dev = buf.device
-        buf = buf.to(self._device())
-        dist.all_reduce(buf, group=self.group)
-        buf = buf.to(dev)
+        buf = self._sum(torch.cat([*flat, present]))
         i = 0
         for p in params:
             n = p.numel()
             p.grad = buf[i : i + n].view_as(p).clone()
             i += n
-        got = buf[i : i + len(params)] > 0
-        for p, g in zip(params, got.tolist()):
+        for p, g in zip(params, (buf[i : i + len(params)] > 0).tolist()):
             if not g:
                 p.grad = None
-        i += len(params)
-        if avg_thr:
-            with torch.no_grad():
-                thr.copy_(buf[i:].view_as(thr).to(thr.dtype))
+
+    def average_(self, tensors: Sequence[Tensor]) -> None:
+        """Replace each tensor by its mean over ranks (e.g. BatchTopK's threshold after its update)."""
+        if not tensors:
+            return
+        buf = self._sum(torch.cat([t.reshape(-1).double() for t in tensors]) / self.world)
+        i = 0
+        for t in tensors:
+            t.copy_(buf[i : i + t.numel()].view_as(t).to(t.dtype))
+            i += t.numel()
 
     def aux_denom(self, residual: Tensor) -> Tensor:
         """``mean ||e − mean e||²`` over every rank's rows (AuxK's normaliser of the whole batch)."""
-        dev = self._device()
-        s = torch.cat([residual.sum(0), residual.new_tensor([residual.shape[0]])]).to(dev)
-        dist.all_reduce(s, group=self.group)
-        mean = (s[:-1] / s[-1]).to(residual.device)
-        q = (residual - mean).pow(2).sum().reshape(1).to(dev)
-        dist.all_reduce(q, group=self.group)
-        return (q[0] / s[-1]).to(residual.device)
+        s = self._sum(torch.cat([residual.sum(0), residual.new_tensor([residual.shape[0]])]))
+        mean = s[:-1] / s[-1]
+        q = self._sum((residual - mean).pow(2).sum().reshape(1))
+        return q[0] / s[-1]
 
     def fired(self, fired: Tensor, n: int) -> tuple[Tensor, int]:
         """Latents that fired on any rank, and the total rows of this step."""
-        t = torch.cat([fired.to(torch.int64), torch.tensor([n], dtype=torch.int64, device=fired.device)]).to(self._device())
-        dist.all_reduce(t, group=self.group)
-        t = t.to(fired.device)
+        t = self._sum(torch.cat([fired.to(torch.int64), torch.tensor([n], dtype=torch.int64, device=fired.device)]))
         return t[:-1] > 0, int(t[-1].item())
 
-    def metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+    def metrics(self, metrics: dict[str, float], n_local: int) -> dict[str, float]:
         """Token-weighted mean over ranks (``dead_fraction`` and ``lr`` are already global)."""
         keys = [k for k in metrics if k not in ("dead_fraction", "lr")]
-        w = self.n_local / self.n_total
-        t = torch.tensor([metrics[k] * w for k in keys], dtype=torch.float64, device=self._device())
-        dist.all_reduce(t, group=self.group)
+        w = n_local / self.n_total
+        t = self._sum(torch.tensor([metrics[k] * w for k in keys], dtype=torch.float64))
         return {**metrics, **{k: float(v) for k, v in zip(keys, t.tolist())}}
 
 
@@ -242,7 +234,7 @@ class GradSync:
 
 
 class _RankBuffers:
-    """Every rank's buffer state (and RNG), packed as one "buffer" for :func:`~.checkpoint.save_checkpoint`."""
+    """Every rank's buffer state (and RNG), packed as one "buffer" for :meth:`Trainer.state_dict`."""
 
     def __init__(self, parts: list[tuple[dict[str, Any] | None, dict[str, Tensor]]]):
         self.parts = parts
@@ -281,31 +273,7 @@ def _rank_state(buffer: Any) -> tuple[dict[str, Any] | None, dict[str, Tensor]]:
     return meta, tensors
 
 
-def _entry_state(e: TrainEntry) -> dict[str, Any]:
-    opt = e.optimizer.state_dict()
-    opt["state"] = {i: {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in s.items()} for i, s in opt["state"].items()}
-    return {
-        "sae": {k: v.detach().cpu() for k, v in e.sae.state_dict().items()},
-        "cfg": e.sae.cfg.to_dict(),
-        "optimizer": opt,
-        "dead": e.tokens_since_fired.cpu(),
-        "state": dict(vars(e.state)),
-        "settings": e.settings.to_dict(),
-    }
-
-
-def _load_entry_state(e: TrainEntry, st: dict[str, Any]) -> None:
-    from ..config import SAEConfig
-
-    e.sae.cfg = SAEConfig.from_dict(st["cfg"])
-    e.sae.load_state_dict(st["sae"])
-    e.optimizer.load_state_dict(st["optimizer"])
-    e.tokens_since_fired = st["dead"].to(e.sae.device)
-    e.state = EntryState(**st["state"])
-    e.settings = TrainSettings.from_dict(st["settings"])
-
-
-class DistributedTrainer:
+class DistributedTrainer(Trainer):
     """A :class:`~.trainer.Trainer` over several processes (see the module docstring).
 
     Args:
@@ -330,124 +298,34 @@ class DistributedTrainer:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError("torch.distributed is not initialised: use distributed_context() under torchrun")
+        super().__init__(entries, autocast_dtype=autocast_dtype)
         self.mode, self.group = mode, group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self.all = Trainer(entries, autocast_dtype=autocast_dtype)  # the checkpoint/save view, canonical counters
-        self.autocast_dtype = autocast_dtype
-        if mode == "shard":
-            self.owner = assign_entries(self.all.entries, self.world_size)
-        else:
-            self.owner = [self.rank] * len(self.all.entries)
-        self.local = [e for e, r in zip(self.all.entries, self.owner) if r == self.rank]
+        self.owner = assign_entries(self.entries, self.world_size) if mode == "shard" else [self.rank] * len(self.entries)
+        self.local = [e for e, r in zip(self.entries, self.owner) if r == self.rank]
         if device is not None:
             for e in self.local:
-                e.sae.to(device)  # parameters move in place: the optimiser keeps them
+                e.objective.module.to(device)  # parameters move in place: the optimiser keeps them
                 e.tokens_since_fired = e.tokens_since_fired.to(device)
-        self.sync = GradSync(group) if mode == "ddp" else None
-        for e in self.all.entries:
-            e.sync = self.sync
-        self.sites = sorted({s for e in self.local for s in e.sites})
+        self.sync = GradSync(group)
+        if mode == "ddp":
+            for e in self.entries:
+                e.sync = self.sync
 
     @property
-    def is_main(self) -> bool:
+    def is_main(self) -> bool:  # type: ignore[override]
         return self.rank == 0
 
-    @property
-    def entries(self) -> list[TrainEntry]:
-        """Every entry (in shard mode, those of other ranks are stale until :meth:`gather`)."""
-        return self.all.entries
-
-    @property
-    def step_count(self) -> int:
-        return self.all.step_count
-
-    @property
-    def tokens_seen(self) -> int:
-        return self.all.tokens_seen
-
-    def _cpu_or_cuda(self) -> torch.device:
-        return self.sync._device() if self.sync else (
-            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-        )
-
     def _agree(self, has_batch: bool, n: int) -> tuple[bool, int]:
-        """All ranks have a batch? and the total rows (one all-reduce)."""
-        t = torch.tensor([0 if has_batch else 1, n], dtype=torch.int64, device=self._cpu_or_cuda())
-        dist.all_reduce(t, group=self.group)
-        return int(t[0].item()) == 0, int(t[1].item())
+        t = self.sync._sum(torch.tensor([0 if has_batch else 1, n], dtype=torch.int64))
+        return int(t[0].item()) == 0, int(t[1].item()) if self.mode == "ddp" else n
 
     def step(self, batch: dict[str, Tensor] | Tensor, _n_total: int | None = None) -> dict[str, dict[str, float] | None]:
         """One step of this rank's entries on its ``batch`` (collective in ``ddp`` mode: every rank calls it)."""
-        if isinstance(batch, Tensor):
-            sites = sorted({e.site for e in self.all.entries})
-            if len(sites) != 1:
-                raise ConfigError(f"a bare tensor batch is ambiguous with sites {sites}; pass a dict")
-            batch = {sites[0]: batch}
-        missing = [s for s in self.sites if s not in batch]
-        if missing:
-            raise ConfigError(f"rank {self.rank}: batch lacks sites {missing} (has {sorted(batch)})")
+        batch = self._as_dict(batch)
         n_local = int(next(iter(batch.values())).shape[0])
-        if self.sync is not None:
-            n_total = _n_total if _n_total is not None else self._agree(True, n_local)[1]
-            self.sync.n_local, self.sync.n_total = n_local, n_total
-        else:
-            n_total = n_local
-        out = {}
-        for e in self.local:
-            x, target = e.batch_args(batch)
-            out[e.name] = e.train_step(x, self.autocast_dtype, target=target)
-        self.all.step_count += 1
-        self.all.tokens_seen += n_total
-        return out
-
-    def fit(
-        self,
-        data: Any,
-        max_steps: int | None = None,
-        *,
-        checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every: int | None = None,
-        progress: bool = False,
-        log: Callable[[int, dict[str, Any]], None] | None = None,
-        log_every: int = 10,
-    ) -> DistributedTrainer:
-        """As :meth:`Trainer.fit`; every rank calls it with its own ``data``. The run stops when any
-        rank runs out of data; ``progress`` and ``log`` act on rank 0 only (``log`` gets every entry's
-        metrics, gathered from all ranks)."""
-        if max_steps is not None:
-            for e in self.all.entries:
-                if e.settings.total_steps is None:
-                    e.settings.total_steps = max_steps
-        next_batch = data.next_batch if hasattr(data, "next_batch") else iter(data).__next__
-        bar = _progress_bar(progress and self.is_main, max_steps, self.step_count)
-        t0, tok0 = time.perf_counter(), self.tokens_seen
-        try:
-            while max_steps is None or self.step_count < max_steps:
-                try:
-                    batch = next_batch()
-                except StopIteration:
-                    batch = None
-                n = 0 if batch is None else (batch.shape[0] if isinstance(batch, Tensor) else int(next(iter(batch.values())).shape[0]))
-                every, n_total = self._agree(batch is not None, n)
-                if not every:
-                    break
-                results = self.step(batch, _n_total=n_total)  # type: ignore[arg-type]
-                at_log = self.step_count % log_every == 0
-                if at_log:  # collective in shard mode: every rank takes part, whether it logs or not
-                    results = self._gather_results(results)
-                if bar is not None:
-                    bar.update(1)
-                    if at_log:
-                        rate = (self.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)
-                        bar.set_postfix(_summary(results, rate), refresh=False)
-                if log is not None and at_log and self.is_main:
-                    log(self.step_count, _flat_metrics(results))
-                if checkpoint_dir is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
-                    self.save_checkpoint(checkpoint_dir, data if hasattr(data, "state_dict") else None)
-        finally:
-            if bar is not None:
-                bar.close()
-        return self
+        self.sync.n_total = _n_total if _n_total is not None else self._agree(True, n_local)[1]
+        return super().step(batch, _n_total=self.sync.n_total)
 
     def _gather_results(self, results: dict[str, Any]) -> dict[str, Any]:
         if self.mode == "ddp":
@@ -462,15 +340,14 @@ class DistributedTrainer:
         """Shard mode: bring every entry's weights, optimiser and counters to rank 0 (collective)."""
         if self.mode != "shard":
             return
-        mine = {e.name: _entry_state(e) for e in self.local}
+        mine = {e.name: e.state_dict() for e in self.local}
         parts: list[Any] = [None] * self.world_size if self.is_main else None  # type: ignore[assignment]
         dist.gather_object(mine, parts, dst=self._global_rank(0), group=self.group)
         if self.is_main:
             for r, part in enumerate(parts):
-                if r == self.rank:
-                    continue
-                for name, st in part.items():
-                    _load_entry_state(self.all.entry(name), st)
+                if r != self.rank:
+                    for name, (meta, tensors) in part.items():
+                        self.entry(name).load_state_dict(meta, tensors, f"rank {r}")
 
     def _global_rank(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
@@ -487,23 +364,20 @@ class DistributedTrainer:
         parts: list[Any] = [None] * self.world_size if self.is_main else None  # type: ignore[assignment]
         dist.gather_object(_rank_state(buffer), parts, dst=self._global_rank(0), group=self.group)
         if self.is_main:
-            _ckpt.save_checkpoint(self.all, path, _RankBuffers(parts))
+            _ckpt.save_checkpoint(self, path, _RankBuffers(parts))
         self._barrier()
         return Path(path)
 
     def load_checkpoint(self, path: str | os.PathLike, buffer: Any = None) -> dict[str, Any]:
         """Every rank reads ``path`` (written by :meth:`save_checkpoint` with the same world size)."""
         path = Path(path)
-        meta = _ckpt.load_checkpoint(self.all, path, _RankLoader(buffer, self.rank, self.world_size, path))
-        for e in self.local:  # load_checkpoint left them on their device; keep the dead counters there too
-            e.tokens_since_fired = e.tokens_since_fired.to(e.sae.device)
-        return meta
+        return _ckpt.load_checkpoint(self, path, _RankLoader(buffer, self.rank, self.world_size, path))
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Rank 0 saves every entry's final SAE (native format) to ``out_dir/<name>`` (collective);
-        returns the paths on rank 0, ``{}`` elsewhere."""
+        """Rank 0 saves every entry's final model to ``out_dir/<name>`` (collective); returns the paths
+        on rank 0, ``{}`` elsewhere."""
         self.gather()
-        paths = self.all.save(out_dir) if self.is_main else {}
+        paths = super().save(out_dir) if self.is_main else {}
         self._barrier()
         return paths
 

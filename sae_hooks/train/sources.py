@@ -10,7 +10,11 @@ the one after that position, so a resumed run continues exactly where the checkp
 * :class:`LiveSource`: a model run on token batches with hooks at several sites in ONE forward
   pass, the forward stopped once the last needed site has fired (a private exception raised from
   that hook and caught here), BOS and padding tokens filtered out;
-* :class:`DiskSource`: safetensors shards written by :func:`capture`, replayed in order or shuffled.
+* :class:`DiskSource`: safetensors shards written by :func:`save_activations`, replayed in order or shuffled.
+
+Sites are given in any spelling :mod:`sae_hooks.sites` accepts: a TransformerLens hook name
+(``blocks.1.hook_resid_post``, also on a plain Hugging Face model), a module path (``transformer.h.1``)
+or ``path:input``. Chunks are keyed by the sites as given.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import Tensor
 from .._atomic import atomic_dir, recover
 from .._files import check_regular_file, read_json
 from ..errors import ConfigError, SAEFormatError, ShapeMismatchError
-from .hooks import SiteHooks, site_hooks
+from ..sites import SiteHooks, site_hooks
 
 Chunk = dict[str, Tensor]
 MANIFEST = "manifest.json"
@@ -141,6 +145,8 @@ def default_forward(model: Any, input_ids: Tensor, attention_mask: Tensor | None
 class ActivationReader:
     """Runs ``model`` once per token batch and returns the activations at ``sites`` (BOS/padding dropped).
 
+    ``sites``: TransformerLens hook names, module paths or ``path:input`` (resolved through
+    :func:`sae_hooks.sites.site_hooks`, or through ``hooks=``: anything with ``install(site, fn)``).
     All sites are read in ONE forward pass; with ``stop_early`` the hook that completes the set raises
     a private exception, so layers after the deepest needed site never run.
     """
@@ -225,10 +231,9 @@ class LiveSource:
     """Activations read from a live model, one forward pass per token batch (see :class:`ActivationReader`).
 
     Args:
-        model: a plain ``nn.Module`` (sites are module paths), a TransformerLens model (sites are hook
-            names, read through ``model.hook_dict``), or pass ``hooks`` (anything with
-            ``install(site, fn)``) to read through another adapter.
-        sites: where to read.
+        model: a plain ``nn.Module`` (a Hugging Face model), a TransformerLens model, a model given the SAE
+            API by an adapter, or pass ``hooks`` (anything with ``install(site, fn)``).
+        sites: where to read: TransformerLens hook names, module paths or ``path:input``.
         batches: iterable (or factory) of token batches: ``(batch, seq)`` tensors or dicts with
             ``input_ids`` and optionally ``attention_mask``. For exact resumption pass something
             re-iterable (a list, a factory): the position is re-reached by skipping batches
@@ -264,7 +269,7 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
-def capture(
+def save_activations(
     model: Any,
     sites: Sequence[str],
     batches: Iterable,
@@ -279,7 +284,7 @@ def capture(
 
     ``out_dir`` gets ``shard_00000.safetensors``, ... (one tensor per site, named by the site, rows
     aligned across sites, ``shard_tokens`` rows each except the last) and ``manifest.json``. The
-    folder appears atomically when capture finishes. Returns ``out_dir``.
+    folder appears atomically when writing finishes. (The CLI: ``sae-hooks save-activations``.) Returns ``out_dir``.
     """
     if not isinstance(shard_tokens, int) or isinstance(shard_tokens, bool) or shard_tokens <= 0:
         raise ConfigError(f"capture: shard_tokens must be a positive integer, got {shard_tokens!r}")
@@ -330,10 +335,10 @@ def capture(
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a folder written by :func:`capture`, every field checked (types, counts, sums)."""
+    """The manifest of a folder written by :func:`save_activations`, every field checked (types, counts, sums)."""
     recover(path)
     file = Path(path) / MANIFEST
-    manifest = read_json(file, f"no {MANIFEST}; not an activation folder written by capture()")
+    manifest = read_json(file, f"no {MANIFEST}; not an activation folder written by save_activations()")
     if manifest.get("format") != "sae_hooks.activations":
         raise SAEFormatError(f"{file}: not a sae_hooks activation manifest")
 
@@ -398,7 +403,7 @@ def _check_shards(path: Path, manifest: dict[str, Any], sites: Sequence[str]) ->
 
 
 class DiskSource:
-    """Replays shards written by :func:`capture`, in order, or shuffled (shard order and rows within a
+    """Replays shards written by :func:`save_activations`, in order, or shuffled (shard order and rows within a
     shard, from ``seed``) when ``shuffle=True``. One chunk per ``chunk_tokens`` rows of a shard
     (default: the whole shard). ``epochs`` passes over the data (each reshuffled)."""
 

@@ -1,9 +1,13 @@
-"""The trainer: several ``(site, SAE, settings, seed)`` entries fed from one batch per site.
+"""The one trainer: entries of ``(sites, model, objective)`` fed from one batch per site.
 
 One source batch (e.g. one forward pass of a live model with hooks at several sites) feeds every
-entry; each entry has its own optimiser (Adam), learning-rate schedule, dead-latent counters and
+entry; each entry has its own optimiser, learning-rate schedule, dead-latent counter (in tokens) and
 random generator, so training N SAEs together gives exactly what training each alone on the same
-activations gives.
+activations gives. What an entry trains is its *objective* (:mod:`.objectives`): an SAE or transcoder,
+a multi-layer SAE, a Jacobian SAE pair, or anything implementing :class:`~.objectives.Objective`. The
+loop is the same for all: Adam (or a registered optimiser, :func:`register_optimizer`), warm-up/decay
+schedule, the decoder-norm constraint with parallel-gradient removal, NaN/inf skipping, checkpoints with
+exact resume, ``torch.distributed`` (:mod:`.distributed`), progress bars and logging callbacks.
 
 >>> trainer = Trainer([TrainEntry("l1", "transformer.h.1", make_sae("topk", 64, 512, k=16))])
 >>> trainer.fit(ShuffleBuffer(LiveSource(model, ["transformer.h.1"], batches)), max_steps=1000)
@@ -13,13 +17,13 @@ activations gives.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import os
+import random
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,41 +31,65 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import Site
-from ..errors import ConfigError, ShapeMismatchError
-from ..saes.base import SAE
-from . import losses
+from ..errors import ConfigError
+from ..saes.training import ArchSettings, LossOutput, StepContext, remove_parallel_grad, unit_norm_rows_
+from . import checkpoint as _ckpt
+from .objectives import Objective, make_objective
+from .statistics import geometric_median  # noqa: F401 - re-exported
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
-NORMALIZE_MODES = ("scale", "none")
+INPUT_SCALINGS = ("scale", "none")
+
+
+# Optimisers ---------------------------------------------------------------------------------------
+
+#: name -> ``factory(params, settings) -> torch.optim.Optimizer``; :func:`register_optimizer` adds one.
+OPTIMIZERS: dict[str, Callable[[list[Tensor], TrainSettings], torch.optim.Optimizer]] = {}
+
+
+def register_optimizer(name: str, factory: Callable[..., torch.optim.Optimizer], *, replace: bool = False) -> None:
+    """Make ``TrainSettings(optimizer=name)`` build ``factory(params, settings)``. The trainer sets each
+    param group's ``"lr"`` from the schedule before every step and calls ``optimizer.step()``."""
+    if name in OPTIMIZERS and not replace:
+        raise ConfigError(f"optimizer {name!r} is already registered; pass replace=True to replace it")
+    OPTIMIZERS[name] = factory
+
+
+register_optimizer("adam", lambda params, s: torch.optim.Adam(params, lr=1.0, betas=s.betas, eps=s.eps))
+
+
+# Settings -----------------------------------------------------------------------------------------
 
 
 @dataclass
 class TrainSettings:
-    """Hyper-parameters of one SAE's training (every field is JSON-serialisable).
+    """Hyper-parameters of one entry's training (every field is JSON-serialisable).
 
     Attributes:
-        lr: Adam learning rate; ``None`` = ``2e-4 / sqrt(d_sae / 2**14)`` (sparsify's Adam default).
+        lr: learning rate; ``None`` = ``2e-4 / sqrt(d_sae / 2**14)`` (sparsify's Adam default).
+        betas, eps: Adam's.
         warmup_steps: linear warm-up from 0.
         decay_fraction: linear decay to 0 over this final fraction of ``total_steps`` (needs it).
         total_steps: length of the run, for the decay (``Trainer.fit(max_steps=...)`` fills it in).
-        l1_coefficient: ``relu``/``gated`` sparsity weight. ``l0_coefficient``: ``jumprelu``.
+        grad_clip: clip the gradient norm (``None``: no clipping).
         sparsity_warmup_steps: the sparsity coefficient rises linearly from 0 over these steps.
-        bandwidth, init_threshold: JumpReLU's ε and initial θ.
-        aux_k, aux_coefficient: AuxK for ``topk``/``batchtopk`` (0 disables it).
         dead_tokens: a latent is dead after this many tokens without firing.
-        threshold_lr: BatchTopK threshold EMA rate.
         unit_norm_decoder: keep decoder rows at unit norm and remove the gradient parallel to them;
-            ``None`` = on for ``topk``, ``batchtopk``, ``jumprelu``, ``gated`` (as in their papers),
-            off for ``relu`` (whose L1 is weighted by decoder norms instead).
+            ``None`` = what the architecture's training spec says (on for all but ``relu``).
         decoder_init_norm: decoder row norm at init (encoder = decoder transposed); ``None`` = 1 with
-            unit-norm decoders, 0.1 otherwise (Anthropic's April 2024 init); for ``gated`` ``None``
-            keeps unit decoder rows but starts the encoder at norm 0.1 (see ``_init_weights``).
-        b_dec_init: ``geometric_median`` | ``mean`` | ``zeros`` of the first batch.
-        normalize: ``scale``: multiply inputs by a constant (from the first batch) so that
-            ``E||x||² = d_in``; stored as ``cfg.normalize="scale"`` during training and folded into the
-            weights at :meth:`Trainer.save` when ``fold_normalization``.
+            unit-norm decoders, 0.1 otherwise (Anthropic's April 2024 init); an architecture may start its
+            encoder elsewhere (Gated: 0.1).
+        b_dec_init: ``geometric_median`` | ``mean`` | ``zeros`` of the first batches' targets.
+        input_scaling: ``scale``: multiply inputs by a constant (from the first batches, robustly) so that
+            ``E||x||² = d_in``; held as ``cfg.normalize="scale"`` during training and folded into the weights
+            when saving if ``fold_input_scaling``. (Not :attr:`SAEConfig.normalize`, which is the SAE's own
+            inference-time normalisation.)
+        init_batches: how many first batches the data statistics (input scale, ``b_dec``, MSE scale)
+            come from; training on them starts once they are all in (:mod:`.statistics`).
         seed: initialises the weights.
+        optimizer: a name registered with :func:`register_optimizer`.
+        arch: the architecture's own settings (a dict or its :class:`~sae_hooks.saes.training.ArchSettings`),
+            checked against its keys, e.g. ``{"l1_coefficient": 2.0}`` for ``relu``, ``{"aux_k": 128}`` for ``topk``.
     """
 
     lr: float | None = None
@@ -71,28 +99,32 @@ class TrainSettings:
     decay_fraction: float = 0.2
     total_steps: int | None = None
     grad_clip: float | None = None
-    l1_coefficient: float = 5.0
-    l0_coefficient: float = 0.5
     sparsity_warmup_steps: int = 0
-    bandwidth: float = 0.05
-    init_threshold: float = 1.0
-    aux_k: int = 256
-    aux_coefficient: float = 1 / 32
     dead_tokens: int = 10_000_000
-    threshold_lr: float = 0.01
     unit_norm_decoder: bool | None = None
     decoder_init_norm: float | None = None
     b_dec_init: str = "geometric_median"
-    normalize: str = "scale"
-    fold_normalization: bool = True
+    input_scaling: str = "scale"
+    fold_input_scaling: bool = True
+    init_batches: int = 3
     seed: int = 0
+    optimizer: str = "adam"
+    arch: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if isinstance(self.arch, ArchSettings):
+            self.arch = self.arch.to_dict()
+        if not isinstance(self.arch, dict):
+            raise ConfigError(f"TrainSettings.arch must be a dict of the architecture's settings, got {type(self.arch).__name__}")
         if self.b_dec_init not in B_DEC_INITS:
             raise ConfigError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
-        if self.normalize not in NORMALIZE_MODES:
-            raise ConfigError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+        if self.input_scaling not in INPUT_SCALINGS:
+            raise ConfigError(f"input_scaling must be one of {INPUT_SCALINGS}, got {self.input_scaling!r}")
+        if not isinstance(self.init_batches, int) or self.init_batches < 1:
+            raise ConfigError(f"init_batches must be a positive integer, got {self.init_batches!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; registered: {sorted(OPTIMIZERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -101,25 +133,11 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown training setting(s) {unknown}; known: {known}")
         return cls(**data)
-
-
-def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
-    """Weiszfeld's algorithm on the rows of ``x (N, d)``, started at the mean; returns ``(d,)``."""
-    x = x.double()
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=-1).clamp_min(1e-8)
-        new = (w[:, None] * x).sum(0) / w.sum()
-        if (new - y).norm() <= tol * y.norm().clamp_min(1e-12):
-            y = new
-            break
-        y = new
-    return y
 
 
 @dataclass
@@ -128,105 +146,117 @@ class EntryState:
     tokens_seen: int = 0
     skipped: int = 0
     initialised: bool = False
-    mse_scale: float = 1.0
-    # Transcoders: the constant input / output scales (``normalize="scale"``), folded in at save.
-    in_scale: float = 1.0
-    out_scale: float = 1.0
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+# Data-parallel hooks: the single-process version ----------------------------------------------------
+
+
+class LocalSync:
+    """What an entry calls to make a step global across data-parallel ranks; here, one process: nothing
+    to do. :class:`~.distributed.GradSync` is the ``torch.distributed`` version."""
+
+    world = 1
+    aux_denom = None  # the AuxK normaliser of this batch alone
+
+    def all_true(self, flag: bool) -> bool:
+        return flag
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        return x
+
+    def after_backward(self, params: Sequence[Tensor], n_local: int) -> None:
+        pass
+
+    def average_(self, tensors: Sequence[Tensor]) -> None:
+        pass
+
+    def fired(self, fired: Tensor, n: int) -> tuple[Tensor, int]:
+        return fired, n
+
+    def metrics(self, metrics: dict[str, float], n_local: int) -> dict[str, float]:
+        return metrics
+
+
+# One entry -----------------------------------------------------------------------------------------
+
+
 class TrainEntry:
-    """One SAE being trained at ``site`` with ``settings``.
+    """One model being trained at ``site`` with ``settings``.
 
-    ``init_weights=True`` re-initialises the SAE's weights from ``settings.seed`` (same seed, same
-    architecture and shape ⇒ the same initial weights at every site).
+    ``model`` is an SAE (a transcoder when ``site_out`` is given: input at ``site``, target at
+    ``site_out``), a :class:`~sae_hooks.saes.multilayer.MultiLayerSAE` (``site``: its list of sites,
+    default its config's), a :class:`~sae_hooks.saes.jacobian.JacobianSAEPair` (``site`` default the
+    pair's ``hook_in``), or pass ``objective=`` for anything else (:class:`~.objectives.Objective`).
 
-    Transcoders (``sae.cfg.is_transcoder`` or ``site_out`` given) read their input ``x (N, d_in)`` at
-    ``site`` and their target ``y (N, d_out)`` at ``site_out`` (rows of the same tokens, from the same
-    batch); the loss is ``MSE(y, transcoder(x))`` plus the architecture's sparsity term, ``b_dec``
-    starts at the target's median/mean, and ``normalize="scale"`` uses one constant for the input
-    (``E||c_in·x||² = d_in``) and another for the target (``E||c_out·y||² = d_out``); both are always
-    folded into the weights by :meth:`final_sae` (a config has room for only one scale). The
-    transcoder's config must have ``normalize="none"``.
+    ``init_weights=True`` re-initialises the weights from ``settings.seed`` (same seed, same architecture
+    and shape ⇒ the same initial weights at every site). See :class:`~.objectives.SAEObjective` for
+    transcoders' separate input/target scales.
     """
 
     def __init__(
         self,
         name: str,
-        site: str,
-        sae: SAE,
+        site: str | Sequence[str] | None = None,
+        sae: Any = None,
         settings: TrainSettings | None = None,
         init_weights: bool = True,
         device: str | torch.device | None = None,
         site_out: str | None = None,
+        *,
+        objective: Objective | None = None,
     ):
-        self.name, self.site, self.site_out = name, site, site_out
+        if objective is None:
+            if sae is None:
+                raise ConfigError(f"entry {name!r}: give the model to train (an SAE, MLSAE or Jacobian pair) or objective=")
+            objective = make_objective(sae, site, site_out)
+        elif sae is not None or site is not None or site_out is not None:
+            raise ConfigError(f"entry {name!r}: with objective= the sites and model come from the objective")
+        self.name = name
+        self.objective = objective
         self.settings = settings or TrainSettings()
         if device is not None:
-            sae = sae.to(device)
-        self.sae = sae
+            objective.module.to(device)
+        self.arch_settings = objective.spec.settings.from_dict(self.settings.arch)
         self.state = EntryState()
-        # Data-parallel hook (:class:`sae_hooks.train.distributed.GradSync`); ``None`` = one process.
-        self.sync: Any = None
-        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
-        arch = sae.cfg.architecture
-        if arch not in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
-            raise ConfigError(f"training is implemented for relu, topk, batchtopk, jumprelu, gated; not {arch!r}")
-        self.transcoder = sae.cfg.is_transcoder or site_out is not None
-        if self.transcoder:
-            if site_out is None:
-                raise ConfigError(f"entry {name!r}: a transcoder (d_in={sae.cfg.d_in}, d_out={sae.cfg.output_dim}) needs site_out, the site of its target")
-            if site_out == site:
-                raise ConfigError(f"entry {name!r}: a transcoder's site_out must differ from its site {site!r}")
-            if sae.cfg.normalize != "none":
-                raise ConfigError(f"entry {name!r}: train transcoders with cfg.normalize='none' (TrainSettings.normalize scales input and target separately), got {sae.cfg.normalize!r}")
-            if sae.cfg.apply_b_dec_to_input:
-                raise ConfigError(f"entry {name!r}: apply_b_dec_to_input makes no sense for a transcoder")
+        self.sync: Any = LocalSync()
+        self.pending: list[dict[str, Tensor]] = []
+        self.tokens_since_fired = torch.zeros(objective.n_latents, dtype=torch.long, device=self.device)
         s = self.settings
-        self.unit_norm = s.unit_norm_decoder if s.unit_norm_decoder is not None else arch in ("topk", "batchtopk", "jumprelu", "gated")
+        self.unit_norm = s.unit_norm_decoder if s.unit_norm_decoder is not None else objective.spec.unit_norm_decoder
         if init_weights:
-            self._init_weights()
-        lr = s.lr if s.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
-        self.base_lr = lr
-        params = [p for p in sae.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=lr, betas=s.betas, eps=s.eps)
-        if not sae.cfg.sites:
-            kind = "hook" if site.rsplit(".", 1)[-1].startswith("hook_") else "module"
-            fields = {kind: site}
-            if site_out is not None:
-                kind_out = "hook_out" if site_out.rsplit(".", 1)[-1].startswith("hook_") else "module_out"
-                fields[kind_out] = site_out
-            sae.cfg = sae.cfg.replace(sites=[Site(**fields)])
+            objective.init_weights(s, self.unit_norm, self.arch_settings)
+        self.base_lr = s.lr if s.lr is not None else 2e-4 / math.sqrt(objective.n_latents / 2**14)
+        self.params = [p for p in objective.module.parameters() if p.requires_grad]
+        self.optimizer = OPTIMIZERS[s.optimizer](self.params, s)
+
+    # Views ---------------------------------------------------------------------------------------
 
     @property
     def sites(self) -> tuple[str, ...]:
-        """The sites this entry reads from each batch: ``(site,)``, or ``(site, site_out)``."""
-        return (self.site, self.site_out) if self.site_out is not None else (self.site,)
+        """The sites this entry reads from each batch."""
+        return self.objective.sites
 
-    def batch_args(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """``(x, target)`` for :meth:`train_step` from a ``{site: (N, d)}`` batch (target ``None`` for SAEs)."""
-        return batch[self.site], (batch[self.site_out] if self.site_out is not None else None)
+    @property
+    def site(self) -> str:
+        return self.objective.sites[0]
 
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        sae, s = self.sae, self.settings
-        g = torch.Generator().manual_seed(s.seed)
-        sae.reset_parameters(generator=g)
-        norm = s.decoder_init_norm if s.decoder_init_norm is not None else (1.0 if self.unit_norm else 0.1)
-        sae.W_dec.mul_(norm)
-        # Gated: the gate's L1 and the auxiliary loss act on ReLU(π_gate) directly, so a unit-norm
-        # tied encoder starts with ~half of the latents gated on at O(1) magnitudes and the gate never
-        # becomes sparse (planted MMCS ≈ 0.65 at L0 ≈ 13 for 3 true features). Start the encoder at
-        # Anthropic's 0.1 scale instead (decoder rows stay unit norm): MMCS ≈ 0.97, L0 ≈ 5.
-        enc_norm = 0.1 if s.decoder_init_norm is None and sae.cfg.architecture == "gated" else norm
-        if self.transcoder:
-            # Input and output live in different spaces: no tied init, unit-norm random encoder columns.
-            w = torch.randn(sae.cfg.d_in, sae.cfg.d_sae, generator=g)
-            sae.W_enc.copy_(w / w.norm(dim=0, keepdim=True) * enc_norm)
-        elif sae.cfg.output_dim == sae.cfg.d_in:
-            sae.W_enc.copy_(sae.W_dec.T * (enc_norm / norm))
-        if sae.cfg.architecture == "jumprelu":
-            sae.threshold.fill_(s.init_threshold)
+    @property
+    def site_out(self) -> str | None:
+        return getattr(self.objective, "site_out", None)
+
+    @property
+    def sae(self) -> Any:
+        """The model being trained (an SAE, an MLSAE, a Jacobian pair)."""
+        return self.objective.module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.objective.module.parameters()).device
+
+    @property
+    def dead(self) -> Tensor:
+        return self.tokens_since_fired > self.settings.dead_tokens
 
     # Schedules -----------------------------------------------------------------------------------
 
@@ -243,139 +273,84 @@ class TrainEntry:
         n = self.settings.sparsity_warmup_steps
         return min(1.0, (step + 1) / n) if n > 0 else 1.0
 
-    @property
-    def dead(self) -> Tensor:
-        return self.tokens_since_fired > self.settings.dead_tokens
-
-    # Data-dependent initialisation ---------------------------------------------------------------
-
-    @torch.no_grad()
-    def _first_batch(self, x: Tensor, y: Tensor | None = None) -> None:
-        sae, s = self.sae, self.settings
-        if self.transcoder:
-            assert y is not None
-            if s.normalize == "scale":
-                self.state.in_scale = _scale_for(x, sae.cfg.d_in)
-                self.state.out_scale = _scale_for(y, sae.cfg.output_dim)
-            self._init_from_target(self._normalise(x, y)[2])
-            return
-        if s.normalize == "scale" and sae.cfg.normalize == "none":
-            c = math.sqrt(sae.cfg.d_in / x.double().pow(2).sum(-1).mean().clamp_min(1e-30).item())
-            sae.cfg = sae.cfg.replace(normalize="scale", norm_scale=c)
-        xn, _ = sae.normalize_input(x.to(sae.dtype))
-        self._init_from_target(xn)
-
-    @torch.no_grad()
-    def _init_from_target(self, yn: Tensor) -> None:
-        """``b_dec`` from the (normalised) reconstruction target, and the TopK MSE scale (≈ FVU)."""
-        sae, s = self.sae, self.settings
-        if s.b_dec_init == "geometric_median":
-            sae.b_dec.copy_(geometric_median(yn).to(sae.dtype))
-        elif s.b_dec_init == "mean":
-            sae.b_dec.copy_(yn.mean(0))
-        var = (yn - yn.mean(0)).double().pow(2).sum(-1).mean().item()
-        self.state.mse_scale = 1.0 / max(var, 1e-30)
-        self.state.initialised = True
-
-    def _normalise(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
-        """``(xn, yn, target)`` in training coordinates: the SAE's own normalisation for an SAE (target
-        ``xn``), the two constant scales for a transcoder."""
-        if not self.transcoder:
-            xn, _ = self.sae.normalize_input(x.to(self.sae.dtype))
-            return xn, None, xn
-        assert y is not None
-        xn, yn = x * self.state.in_scale, y * self.state.out_scale
-        return xn, yn, yn
-
     # One step ------------------------------------------------------------------------------------
 
-    def loss(self, xn: Tensor, yn: Tensor | None = None) -> losses.LossOutput:
-        """The architecture's loss on normalised inputs ``xn`` (and, for a transcoder, targets ``yn``)."""
-        sae, s, step = self.sae, self.settings, self.state.step
-        arch = sae.cfg.architecture
-        sp = self.sparsity_factor(step)
-        if arch == "relu":
-            return losses.relu_loss(sae, xn, s.l1_coefficient * sp, target=yn)
-        if arch == "gated":
-            return losses.gated_loss(sae, xn, s.l1_coefficient * sp, target=yn)
-        if arch == "jumprelu":
-            return losses.jumprelu_loss(sae, xn, s.l0_coefficient * sp, s.bandwidth, target=yn)
-        denom = self.sync.aux_denom if self.sync is not None else None
-        if arch == "topk":
-            return losses.topk_loss(sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, aux_denom=denom, target=yn)
-        return losses.batchtopk_loss(
-            sae, xn, self.state.mse_scale, self.dead, s.aux_k, s.aux_coefficient, s.threshold_lr, step == 0,
-            aux_denom=denom, target=yn,
-        )
-
     def train_step(
-        self, x: Tensor, autocast_dtype: torch.dtype | None = None, target: Tensor | None = None,
+        self, batch: dict[str, Tensor] | Tensor, autocast_dtype: torch.dtype | None = None, target: Tensor | None = None,
     ) -> dict[str, float] | None:
-        """One optimiser step on ``x (N, d_in)`` (a transcoder also needs ``target (N, d_out)``, the same
-        tokens at ``site_out``); ``None`` (and no change at all) for a non-finite batch."""
-        sae = self.sae
-        if x.dim() != 2 or x.shape[-1] != sae.cfg.d_in:
-            raise ShapeMismatchError(f"entry {self.name!r} (site {self.site!r}) expects (N, {sae.cfg.d_in}) batches, got {tuple(x.shape)}")
-        x = x.to(device=sae.device, dtype=sae.dtype)
-        if self.transcoder:
-            d_out = sae.cfg.output_dim
-            if target is None:
-                raise ConfigError(f"entry {self.name!r} is a transcoder: train_step needs the target at {self.site_out!r}")
-            if target.dim() != 2 or target.shape != (x.shape[0], d_out):
-                raise ShapeMismatchError(f"entry {self.name!r} (site_out {self.site_out!r}) expects targets ({x.shape[0]}, {d_out}), got {tuple(target.shape)}")
-            target = target.to(device=sae.device, dtype=sae.dtype)
+        """One optimiser step on ``batch`` (``{site: (N, d)}``; a bare tensor for a one-site entry, with
+        ``target`` for a transcoder). Returns the metrics, or ``None`` with no change at all for a
+        non-finite batch (and while the first ``init_batches`` batches are collected for the statistics)."""
+        if isinstance(batch, Tensor):
+            batch = {self.site: batch} if target is None else {self.site: batch, self.site_out or "": target}
         elif target is not None:
-            raise ConfigError(f"entry {self.name!r} is not a transcoder: it takes no target")
-        finite = bool(torch.isfinite(x).all()) and (target is None or bool(torch.isfinite(target).all()))
-        if self.sync is not None:
-            finite = self.sync.all_true(finite)
+            raise ConfigError(f"entry {self.name!r}: pass the target inside the batch dict")
+        missing = [site for site in self.sites if site not in batch]
+        if missing:
+            role = " (the transcoder's target: pass target= or a dict)" if missing == [self.site_out] else ""
+            raise ConfigError(f"entry {self.name!r}: the batch lacks {missing}{role}; it has {sorted(batch)}")
+        inputs = self.objective.inputs(batch, self.name)
+        finite = self.sync.all_true(all(bool(torch.isfinite(t).all()) for t in inputs.values()))
         if not finite:
             return self._skip("the batch contains NaN/inf")
-        if not self.state.initialised:
-            gather = (lambda t: t) if self.sync is None else self.sync.gather_rows
-            self._first_batch(gather(x), None if target is None else gather(target))
-        xn, yn, goal = self._normalise(x, target)
+        if self.state.initialised or not self.objective.needs_statistics:
+            return self._step(inputs, autocast_dtype)
+        self.pending.append(inputs)
+        if len(self.pending) < self.settings.init_batches:
+            return None
+        return self.flush(autocast_dtype)
+
+    def flush(self, autocast_dtype: torch.dtype | None = None) -> dict[str, float] | None:
+        """Compute the data statistics from the collected first batches and train on them (a run shorter
+        than ``init_batches`` calls this at its end)."""
+        if not self.pending:
+            return None
+        gathered = [{k: self.sync.gather_rows(v) for k, v in b.items()} for b in self.pending]
+        self.objective.prepare(gathered, self.settings)
+        self.state.initialised = True
+        pending, self.pending, out = self.pending, [], None
+        for inputs in pending:
+            out = self._step(inputs, autocast_dtype) or out
+        return out
+
+    def _step(self, inputs: dict[str, Tensor], autocast_dtype: torch.dtype | None) -> dict[str, float] | None:
+        obj, s = self.objective, self.settings
+        if not obj.needs_statistics:
+            self.state.initialised = True
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.state.step)
-        ctx = torch.autocast(sae.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-        with ctx:
-            out = self.loss(xn, yn)
-        finite = bool(torch.isfinite(out.loss))
-        if self.sync is not None:
-            finite = self.sync.all_true(finite)
-        if not finite:
+        ctx = StepContext(
+            step=self.state.step, total_steps=s.total_steps, dead=self.dead, sparsity=self.sparsity_factor(self.state.step),
+            mse_scale=getattr(obj, "mse_scale", 1.0), aux_denom=self.sync.aux_denom,
+        )
+        amp = torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+        with amp:
+            out: LossOutput = obj.loss(inputs, ctx, self.arch_settings)
+        if not self.sync.all_true(bool(torch.isfinite(out.loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return self._skip("the loss is NaN/inf")
+        n_local = obj.tokens(inputs)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        if self.sync is not None:
-            self.sync.after_backward(sae)
+        self.sync.after_backward(self.params, n_local)
+        decoders = obj.decoders()
         if self.unit_norm:
-            _remove_parallel_grad(sae)
-        if self.settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.settings.grad_clip)
+            for W in decoders:
+                remove_parallel_grad(W)
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
         self.optimizer.step()
         with torch.no_grad():
             if self.unit_norm:
-                sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-            if sae.cfg.architecture == "jumprelu":
-                sae.threshold.clamp_(min=0.0)
-            n, fired = x.shape[0], out.fired
-            if self.sync is not None:
-                fired, n = self.sync.fired(fired, n)
+                for W in decoders:
+                    unit_norm_rows_(W)
+            obj.after_step(inputs, out, self.arch_settings, first=self.state.step == 0)
+            self.sync.average_(obj.synced_buffers())
+            fired, n = self.sync.fired(out.fired, n_local)
             self.tokens_since_fired.add_(n).masked_fill_(fired, 0)
-            var = (goal - goal.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-30)
-            metrics = {
-                "loss": out.loss.item(),
-                "mse": out.mse.item(),
-                "aux": out.aux.item(),
-                "fvu": (out.mse / var).item(),
-                "l0": out.l0.item(),
-                "dead_fraction": self.dead.float().mean().item(),
-                "lr": self.optimizer.param_groups[0]["lr"],
-            }
-            if self.sync is not None:
-                metrics = self.sync.metrics(metrics)
+            metrics = {"loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()},
+                       "dead_fraction": self.dead.float().mean().item(), "lr": self.optimizer.param_groups[0]["lr"]}
+            metrics = self.sync.metrics(metrics, n_local)
         self.state.step += 1
         self.state.tokens_seen += n
         self.state.metrics = metrics
@@ -386,19 +361,67 @@ class TrainEntry:
         warnings.warn(f"entry {self.name!r} (site {self.site!r}): skipped a batch because {why}", RuntimeWarning, stacklevel=3)
         return None
 
-    # Output --------------------------------------------------------------------------------------
+    # State, output -------------------------------------------------------------------------------
 
-    def final_sae(self) -> SAE:
-        """A copy of the SAE for inference: normalisation folded (if asked), training metadata set."""
-        sae = copy.deepcopy(self.sae)
-        if self.transcoder:
-            fold_transcoder_scales(sae, self.state.in_scale, self.state.out_scale)
-        elif self.settings.fold_normalization and sae.cfg.normalize == "scale" and self.state.initialised:
-            fold_scale(sae)
-        meta = dict(sae.cfg.metadata)
-        meta["training"] = {
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """``(JSON metadata, tensors)`` of everything needed to continue exactly (checkpoints, gathering)."""
+        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in self.objective.module.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, st in opt["state"].items():
+            for key, value in st.items():
+                if isinstance(value, Tensor):
+                    tensors[f"opt.{idx}.{key}"] = value.detach().contiguous().cpu()
+                else:
+                    scalars.setdefault(str(idx), {})[key] = value
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+        tensors["dead"] = self.tokens_since_fired.cpu()
+        for i, b in enumerate(self.pending):
+            tensors.update({f"pending.{i}.{site}": t.detach().contiguous().cpu() for site, t in b.items()})
+        meta = {
+            "sites": list(self.sites), "kind": self.objective.kind, "settings": self.settings.to_dict(),
+            "state": dataclasses.asdict(self.state), "objective": self.objective.state_dict(),
+            "optimizer": {"param_groups": groups, "scalars": scalars, "indices": sorted(opt["state"])},
+            "pending": len(self.pending),
+        }
+        return meta, tensors
+
+    def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, Tensor], where: str = "checkpoint") -> None:
+        if list(meta["sites"]) != list(self.sites) or meta["kind"] != self.objective.kind:
+            roles = "site, site_out" if self.site_out is not None or len(meta["sites"]) == 2 and meta["kind"] == "sae" else "sites"
+            raise ConfigError(
+                f"{where}: entry {self.name!r} was a {meta['kind']} trained at ({roles}) {meta['sites']}, not a "
+                f"{self.objective.kind} at {list(self.sites)}"
+            )
+        self.settings = TrainSettings.from_dict(meta["settings"])
+        self.arch_settings = self.objective.spec.settings.from_dict(self.settings.arch)
+        self.state = EntryState(**meta["state"])
+        self.objective.load_state_dict(meta["objective"])
+        dev = self.device
+        self.objective.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        om = meta["optimizer"]
+        state: dict[int, dict[str, Any]] = {}
+        for idx in om["indices"]:
+            st: dict[str, Any] = dict(om["scalars"].get(str(idx), {}))
+            pre = f"opt.{idx}."
+            for name, t in tensors.items():
+                if name.startswith(pre):
+                    key = name[len(pre):]
+                    st[key] = t if key == "step" else t.to(dev)
+            state[int(idx)] = st
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in om["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.tokens_since_fired = tensors["dead"].to(dev)
+        self.pending = [
+            {site: tensors[f"pending.{i}.{site}"].to(dev) for site in self.sites if f"pending.{i}.{site}" in tensors}
+            for i in range(int(meta.get("pending", 0)))
+        ]
+
+    def training_metadata(self) -> dict[str, Any]:
+        return {
             "site": self.site,
             **({"site_out": self.site_out} if self.site_out is not None else {}),
+            **({"sites": list(self.sites)} if len(self.sites) > 1 and self.site_out is None else {}),
             "steps": self.state.step,
             "tokens_seen": self.state.tokens_seen,
             "skipped_batches": self.state.skipped,
@@ -407,53 +430,20 @@ class TrainEntry:
             "settings": self.settings.to_dict(),
             "library": "sae_hooks",
         }
-        sae.cfg = sae.cfg.replace(metadata=meta)
-        return sae
+
+    def final(self) -> Any:
+        """A copy of the model for inference: input scaling folded (if asked), training metadata set."""
+        return self.objective.final(self.settings, self.state, self.training_metadata())
+
+    final_sae = final
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save :meth:`final` to the folder ``path`` (atomically)."""
+        self.final().save(path)
+        return Path(path)
 
 
-@torch.no_grad()
-def fold_scale(sae: SAE) -> None:
-    """Fold ``normalize="scale"`` (inputs multiplied by ``c``) into the weights; same function after.
-
-    ``pre = (c·x − b_dec) W_enc = (x − b_dec/c)(c·W_enc)`` and ``x_hat = (f W_dec + b_dec)/c``; thresholds,
-    gates and the skip path are unchanged.
-    """
-    c = float(sae.cfg.norm_scale)  # type: ignore[arg-type]
-    sae.W_enc.mul_(c)
-    sae.W_dec.div_(c)
-    sae.b_dec.div_(c)
-    sae.cfg = sae.cfg.replace(normalize="none", norm_scale=None)
-
-
-@torch.no_grad()
-def fold_transcoder_scales(sae: SAE, in_scale: float, out_scale: float) -> None:
-    """Fold a transcoder's training scales (input ``c_in·x``, target ``c_out·y``) into its weights.
-
-    Trained: ``c_out·y ≈ f(c_in·x W_enc + b_enc) W_dec + b_dec + c_in·x W_skip``. So ``W_enc ← c_in·W_enc``
-    (pre-activations, thresholds and gates unchanged) and ``W_dec, b_dec ← /c_out``,
-    ``W_skip ← c_in/c_out·W_skip``: the saved transcoder maps model-space ``x`` to model-space ``y``.
-    """
-    sae.W_enc.mul_(in_scale)
-    sae.W_dec.div_(out_scale)
-    sae.b_dec.div_(out_scale)
-    if sae.cfg.skip:
-        sae.W_skip.mul_(in_scale / out_scale)
-
-
-def _scale_for(x: Tensor, d: int) -> float:
-    """The constant ``c`` with ``E||c·x||² = d`` on the rows of ``x (N, d)``."""
-    return math.sqrt(d / x.double().pow(2).sum(-1).mean().clamp_min(1e-30).item())
-
-
-def _remove_parallel_grad(sae: SAE) -> None:
-    W, g = sae.W_dec, sae.W_dec.grad
-    if g is None:
-        return
-    unit = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    g.sub_((g * unit).sum(-1, keepdim=True) * unit)
-
-
-# The multi-SAE trainer ----------------------------------------------------------------------------
+# The trainer ---------------------------------------------------------------------------------------
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -471,9 +461,11 @@ class Trainer:
     """Feeds one batch per site to every entry at that site.
 
     Args:
-        entries: the SAEs to train (unique names).
-        autocast_dtype: e.g. ``torch.bfloat16`` to run the SAE forward under autocast (GPU).
+        entries: what to train (unique names).
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the forward passes under autocast (GPU).
     """
+
+    is_main = True
 
     def __init__(self, entries: Sequence[TrainEntry], autocast_dtype: torch.dtype | None = None):
         names = [e.name for e in entries]
@@ -482,10 +474,14 @@ class Trainer:
         if any("/" in n or n.startswith(".") for n in names):
             raise ConfigError(f"entry names are folder names: no '/' or leading '.', got {names}")
         self.entries = list(entries)
+        self.local = self.entries  # the entries this process steps (a subset under sharding)
         self.autocast_dtype = autocast_dtype
         self.step_count = 0
         self.tokens_seen = 0
-        self.sites = sorted({s for e in self.entries for s in e.sites})
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({s for e in self.local for s in e.sites})
 
     def entry(self, name: str) -> TrainEntry:
         for e in self.entries:
@@ -493,22 +489,35 @@ class Trainer:
                 return e
         raise KeyError(name)
 
-    def step(self, batch: dict[str, Tensor] | Tensor) -> dict[str, dict[str, float] | None]:
-        """One step of every entry; ``batch`` maps each site to ``(N, d)`` (a bare tensor: one site)."""
+    def _as_dict(self, batch: dict[str, Tensor] | Tensor) -> dict[str, Tensor]:
         if isinstance(batch, Tensor):
-            if len(self.sites) != 1:
-                raise ConfigError(f"a bare tensor batch is ambiguous with sites {self.sites}; pass a dict")
-            batch = {self.sites[0]: batch}
+            sites = sorted({s for e in self.entries for s in e.sites})
+            if len(sites) != 1:
+                raise ConfigError(f"a bare tensor batch is ambiguous with sites {sites}; pass a dict")
+            return {sites[0]: batch}
         missing = [s for s in self.sites if s not in batch]
         if missing:
             raise ConfigError(f"batch lacks sites {missing} (has {sorted(batch)})")
-        out = {}
-        for e in self.entries:
-            x, target = e.batch_args(batch)
-            out[e.name] = e.train_step(x, self.autocast_dtype, target=target)
+        return batch
+
+    def _agree(self, has_batch: bool, n: int) -> tuple[bool, int]:
+        """Every process has a batch?, and the rows of this step over all processes."""
+        return has_batch, n
+
+    def step(self, batch: dict[str, Tensor] | Tensor, _n_total: int | None = None) -> dict[str, dict[str, float] | None]:
+        """One step of every (local) entry; ``batch`` maps each site to ``(N, d)`` (a bare tensor: one site)."""
+        batch = self._as_dict(batch)
+        n_local = int(next(iter(batch.values())).shape[0])
+        n_total = _n_total if _n_total is not None else self._agree(True, n_local)[1]
+        out = {e.name: e.train_step(batch, self.autocast_dtype) for e in self.local}
         self.step_count += 1
-        self.tokens_seen += int(next(iter(batch.values())).shape[0])
+        self.tokens_seen += n_total
         return out
+
+    def flush(self) -> None:
+        """Train every entry on first batches it still holds for its statistics (end of a short run)."""
+        for e in self.local:
+            e.flush(self.autocast_dtype)
 
     def fit(
         self,
@@ -522,14 +531,16 @@ class Trainer:
         log_every: int = 10,
     ) -> Trainer:
         """Train until ``max_steps`` (counted from the start of the run, so a resumed run stops at the
-        same place) or until ``data`` runs out. ``data`` is a :class:`~.buffer.ShuffleBuffer` (or any
-        object with ``next_batch()``) or an iterable of batches; only a buffer can be checkpointed."""
+        same place) or until ``data`` runs out (any process's, when distributed). ``data`` is a
+        :class:`~.buffer.ShuffleBuffer` (or any object with ``next_batch()``) or an iterable of batches;
+        only a buffer can be checkpointed. ``progress`` (tqdm) and ``log(step, metrics)`` (e.g. W&B,
+        TensorBoard) act on the main process only."""
         if max_steps is not None:
             for e in self.entries:
                 if e.settings.total_steps is None:
                     e.settings.total_steps = max_steps
         next_batch = data.next_batch if hasattr(data, "next_batch") else iter(data).__next__
-        bar = _progress_bar(progress, max_steps, self.step_count)
+        bar = _progress_bar(progress and self.is_main, max_steps, self.step_count)
         t0, tok0 = time.perf_counter(), self.tokens_seen
         try:
             while max_steps is None or self.step_count < max_steps:
@@ -537,46 +548,107 @@ class Trainer:
                     batch = next_batch()
                 except StopIteration:
                     batch = None
-                if batch is None:
+                n = 0 if batch is None else int((batch if isinstance(batch, Tensor) else next(iter(batch.values()))).shape[0])
+                every, n_total = self._agree(batch is not None, n)
+                if not every:
                     break
-                results = self.step(batch)
+                results = self.step(batch, _n_total=n_total)  # type: ignore[arg-type]
+                at_log = self.step_count % log_every == 0
+                if at_log:
+                    results = self._gather_results(results)
                 if bar is not None:
                     bar.update(1)
-                    if self.step_count % log_every == 0:
+                    if at_log:
                         rate = (self.tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)
                         bar.set_postfix(_summary(results, rate), refresh=False)
-                if log is not None and self.step_count % log_every == 0:
+                if log is not None and at_log and self.is_main:
                     log(self.step_count, _flat_metrics(results))
                 if checkpoint_dir is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
-                    from .checkpoint import save_checkpoint
-
-                    save_checkpoint(self, checkpoint_dir, data if hasattr(data, "state_dict") else None)
+                    self.save_checkpoint(checkpoint_dir, data if hasattr(data, "state_dict") else None)
+            self.flush()
         finally:
             if bar is not None:
                 bar.close()
         return self
 
+    def _gather_results(self, results: dict[str, Any]) -> dict[str, Any]:
+        return results
+
+    # Checkpoints, saving ------------------------------------------------------------------------
+
+    def state_dict(self, buffer: Any = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Everything a checkpoint holds: counters, every entry, the RNG states, the buffer's."""
+        tensors: dict[str, Tensor] = {}
+        entries = {}
+        for e in self.entries:
+            meta, t = e.state_dict()
+            entries[e.name] = meta
+            tensors.update({f"entry.{e.name}.{k}": v for k, v in t.items()})
+        version, state, gauss = random.getstate()
+        meta_all: dict[str, Any] = {
+            "step": self.step_count, "tokens_seen": self.tokens_seen, "entries": entries,
+            "python_random": [version, list(state), gauss],
+        }
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        if buffer is not None:
+            buf_meta, buf_tensors = buffer.state_dict()
+            meta_all["buffer"] = buf_meta
+            tensors.update({f"buffer.{k}": v.detach().cpu() for k, v in buf_tensors.items()})
+        return meta_all, tensors
+
+    def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, Tensor], buffer: Any = None, where: str = "checkpoint") -> None:
+        names = sorted(e.name for e in self.entries)
+        if sorted(meta["entries"]) != names:
+            raise ConfigError(f"{where}: checkpoint has entries {sorted(meta['entries'])}, the trainer has {names}")
+        for e in self.entries:
+            pre = f"entry.{e.name}."
+            e.load_state_dict(meta["entries"][e.name], {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}, where)
+        self.step_count = int(meta["step"])
+        self.tokens_seen = int(meta["tokens_seen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        version, state, gauss = meta["python_random"]
+        random.setstate((version, tuple(state), gauss))
+        if buffer is not None:
+            if "buffer" not in meta:
+                raise ConfigError(f"{where}: the checkpoint has no buffer state")
+            buffer.load_state_dict(meta["buffer"], {k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")})
+
+    def save_checkpoint(self, path: str | os.PathLike, buffer: Any = None) -> Path:
+        """Write a checkpoint (folder ``path``, atomically) of every entry and ``buffer``'s position."""
+        return _ckpt.save_checkpoint(self, path, buffer)
+
+    def load_checkpoint(self, path: str | os.PathLike, buffer: Any = None) -> dict[str, Any]:
+        """Restore from :meth:`save_checkpoint`'s folder (same entry names; ``buffer`` recreated the same way)."""
+        return _ckpt.load_checkpoint(self, path, buffer)
+
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Save every entry's SAE (native format) to ``out_dir/<name>``, all or none (one atomic unit:
-        a kill mid-save leaves either every old folder or every new one); returns the paths."""
+        """Save every entry's final model (native format; a Jacobian pair its pair folder) to ``out_dir/<name>``,
+        all or none: the folders are swapped in as one unit (a kill mid-save leaves every old folder or every new
+        one, see :func:`sae_hooks._atomic.atomic_dirs`)."""
         from .._atomic import atomic_dirs
-        from ..native import write_folder
 
         out = Path(out_dir)
         paths = {e.name: out / e.name for e in self.entries}
-        saes = [e.final_sae() for e in self.entries]
+        finals = [e.final() for e in self.entries]
         with atomic_dirs(list(paths.values())) as tmps:
-            for sae, tmp in zip(saes, tmps):
-                write_folder(sae, tmp)
+            for model, tmp in zip(finals, tmps):
+                model.save(tmp)
         return paths
 
 
 def _summary(results: dict[str, dict[str, float] | None], rate: float) -> dict[str, str]:
     ok = [m for m in results.values() if m]
     post = {"tok/s": f"{rate:,.0f}"}
-    if ok:
-        for key in ("loss", "l0", "fvu"):
-            post[key] = f"{sum(m[key] for m in ok) / len(ok):.3g}"
+    for key in ("loss", "l0", "fvu"):
+        vals = [m[key] for m in ok if key in m]
+        if vals:
+            post[key] = f"{sum(vals) / len(vals):.3g}"
     return post
 
 
@@ -587,13 +659,6 @@ def _flat_metrics(results: dict[str, dict[str, float] | None]) -> dict[str, floa
 def _progress_bar(enabled: bool, total: int | None, initial: int):  # noqa: ANN202
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total, initial=initial, desc="training SAEs", unit="step", dynamic_ncols=True)
+    from tqdm.auto import tqdm
 
-
-def train_on_tensors(entries: Sequence[TrainEntry], batches: Iterable[Tensor | dict[str, Tensor]], **fit_kwargs: Any) -> Trainer:
-    """Convenience: ``Trainer(entries).fit(batches)``."""
-    return Trainer(entries).fit(batches, **fit_kwargs)
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)

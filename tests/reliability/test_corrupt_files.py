@@ -233,14 +233,14 @@ CKPT_CORRUPTIONS: dict[str, Callable[[Path], None]] = {
     **{f"drop_{k}": _json_edit(lambda m, k=k: _set(m, k, drop=True))
        for k in ("version", "step", "tokens_seen", "entries", "python_random", "buffer")},
     **{f"drop_entry_{k}": _json_edit(lambda m, k=k: _set(m, "entries", "e0", k, drop=True))
-       for k in ("site", "settings", "state", "sae_cfg", "optimizer")},
+       for k in ("sites", "kind", "settings", "state", "objective", "optimizer")},
     "step_string": _json_edit(lambda m: _set(m, "step", value="3")),
     "step_negative": _json_edit(lambda m: _set(m, "step", value=-1)),
     "entries_list": _json_edit(lambda m: _set(m, "entries", value=[])),
     "python_random_int": _json_edit(lambda m: _set(m, "python_random", value=5)),
-    "sae_cfg_d_sae_string": _json_edit(lambda m: _set(m, "entries", "e0", "sae_cfg", "d_sae", value="many")),
-    "sae_cfg_d_sae_other": _json_edit(lambda m: _set(m, "entries", "e0", "sae_cfg", "d_sae", value=13)),
-    "sae_cfg_arch_other": _json_edit(lambda m: _set(m, "entries", "e1", "sae_cfg", "architecture", value="jumprelu")),
+    "kind_other": _json_edit(lambda m: _set(m, "entries", "e0", "kind", value="mlsae")),
+    "sites_other": _json_edit(lambda m: _set(m, "entries", "e1", "sites", value=["y"])),
+    "sites_string": _json_edit(lambda m: _set(m, "entries", "e1", "sites", value="x")),
     "optimizer_index_out_of_range": _json_edit(lambda m: _set(m, "entries", "e0", "optimizer", "indices", value=[0, 99])),
     "optimizer_groups_dict": _json_edit(lambda m: _set(m, "entries", "e0", "optimizer", "param_groups", value={})),
     "state_unknown_field": _json_edit(lambda m: _set(m, "entries", "e0", "state", "bogus", value=1)),
@@ -250,14 +250,16 @@ CKPT_CORRUPTIONS: dict[str, Callable[[Path], None]] = {
     "tensors_missing": lambda p: (p / "tensors.safetensors").unlink(),
     "tensors_truncated": lambda p: (p / "tensors.safetensors").write_bytes((p / "tensors.safetensors").read_bytes()[:300]),
     **{f"drop_tensor_{k}": _tensor_edit(lambda t, k=k: t.pop(k))
-       for k in ("sae.e0.W_enc", "sae.e1.b_dec", "dead.e0", "rng.torch", "opt.e0.0.exp_avg", "buffer.generator")},
-    "W_enc_transposed": _tensor_edit(lambda t: t.__setitem__("sae.e0.W_enc", t["sae.e0.W_enc"].T.contiguous())),
-    "W_dec_wrong_size": _tensor_edit(lambda t: t.__setitem__("sae.e1.W_dec", torch.zeros(11, 6))),
-    "dead_wrong_length": _tensor_edit(lambda t: t.__setitem__("dead.e1", torch.zeros(3))),
-    "exp_avg_wrong_shape": _tensor_edit(lambda t: t.__setitem__("opt.e0.0.exp_avg", torch.zeros(2, 2))),
-    "W_dec_nan": _tensor_edit(lambda t: t["sae.e0.W_dec"].view(-1).__setitem__(0, float("nan"))),
-    "W_enc_int": _tensor_edit(lambda t: t.__setitem__("sae.e0.W_enc", t["sae.e0.W_enc"].to(torch.int64))),
+       for k in ("entry.e0.model.W_enc", "entry.e1.model.b_dec", "entry.e0.dead", "rng.torch",
+                 "entry.e0.opt.0.exp_avg", "buffer.generator")},
+    "W_enc_transposed": _tensor_edit(lambda t: t.__setitem__("entry.e0.model.W_enc", t["entry.e0.model.W_enc"].T.contiguous())),
+    "W_dec_wrong_size": _tensor_edit(lambda t: t.__setitem__("entry.e1.model.W_dec", torch.zeros(11, 6))),
+    "dead_wrong_length": _tensor_edit(lambda t: t.__setitem__("entry.e1.dead", torch.zeros(3))),
+    "exp_avg_wrong_shape": _tensor_edit(lambda t: t.__setitem__("entry.e0.opt.0.exp_avg", torch.zeros(2, 2))),
+    "W_dec_nan": _tensor_edit(lambda t: t["entry.e0.model.W_dec"].view(-1).__setitem__(0, float("nan"))),
+    "W_enc_int": _tensor_edit(lambda t: t.__setitem__("entry.e0.model.W_enc", t["entry.e0.model.W_enc"].to(torch.int64))),
     "rng_float": _tensor_edit(lambda t: t.__setitem__("rng.torch", t["rng.torch"].float())),
+    "extra_model_tensor": _tensor_edit(lambda t: t.__setitem__("entry.e0.model.junk", torch.zeros(3))),
 }
 
 
@@ -272,7 +274,7 @@ def test_corrupt_checkpoint_is_refused_with_a_typed_error(checkpoint: Path, tmp_
     before = {k: v.clone() for k, v in tr.entries[0].sae.state_dict().items()}
     with pytest.raises(SAEHooksError):
         load_checkpoint(tr, path, _buffer())
-    if case.startswith(("drop_entry", "sae_cfg", "W_", "dead", "exp_avg", "optimizer", "drop_tensor_sae", "drop_tensor_dead")):
+    if case.startswith(("drop_entry", "W_", "dead", "exp_avg", "optimizer", "drop_tensor_entry", "extra", "kind", "sites")):
         after = tr.entries[0].sae.state_dict()  # refused before anything was restored
         assert all(torch.equal(before[k], after[k]) for k in before)
 

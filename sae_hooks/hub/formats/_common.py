@@ -192,7 +192,7 @@ def t_(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- sites
 
 def make_site(hook: str | None, hook_out: str | None = None, model_name: str | None = None) -> Site:
-    """A :class:`Site` with module paths filled in when :mod:`sae_hooks.hooknames` knows the model family."""
+    """A :class:`Site` with module paths filled in when :mod:`sae_hooks.sites.names` knows the model family."""
     module = module_out = None
     if model_name and hook:
         module = _module_path(hook, model_name)
@@ -211,20 +211,18 @@ _FAMILY_BY_NAME = (
 
 
 def model_family(model_name: str) -> str | None:
-    """The :mod:`sae_hooks.hooknames` family of a model name (``"google/gemma-2-2b"`` -> ``"gemma"``), if known."""
+    """The :mod:`sae_hooks.sites.names` family of a model name (``"google/gemma-2-2b"`` -> ``"gemma"``), if known."""
     low = model_name.lower()
     return next((fam for rx, fam in _FAMILY_BY_NAME if rx.search(low)), None)
 
 
 def _module_path(hook: str, model_name: str) -> str | None:
-    """Module site (``"path"`` or ``"path:input"``) of ``hook`` via :mod:`sae_hooks.hooknames`; ``None`` if unknown."""
+    """Module site (``"path"`` or ``"path:input"``) of ``hook`` via :mod:`sae_hooks.sites.names`; ``None`` if unknown."""
     fam = model_family(model_name)
     if fam is None:
         return None
-    try:
-        from ... import hooknames
-    except ImportError:  # pragma: no cover - hooknames ships with the package
-        return None
+    from ...sites import names as hooknames
+
     try:
         path, side = hooknames.to_module_path(hook, fam)
     except Exception:  # noqa: BLE001 - no translation for this hook: leave the module unknown

@@ -54,8 +54,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from .config import Site
-from .errors import HookNotFoundError, did_you_mean
+from ..config import Site
+from ..errors import HookNotFoundError, did_you_mean
 
 Side = str  # "output" | "input"
 

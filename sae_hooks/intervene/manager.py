@@ -11,14 +11,16 @@ the output of the one before (``replace=True`` removes the ones already there fi
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 import torch
 from torch import Tensor
 
-from .errors import SAEHooksError, ShapeMismatchError
-from .interventions import (
+from ..errors import HookNotFoundError, SAEHooksError, ShapeMismatchError
+from ..saes.base import SAE
+from .functions import (
     AblationMode,
     ForwardContext,
     LatentEdit,
@@ -27,7 +29,7 @@ from .interventions import (
     SiteIntervention,
     Steering,
 )
-from .saes.base import SAE
+from .pair import PairAttachment, add_pair, is_pair
 
 Remover = Callable[[], None]
 
@@ -55,12 +57,23 @@ class Attachment:
     between forward passes.
     """
 
-    def __init__(self, manager: SAEManager, sae: SAE, sites: list[str], name: str, interventions: list[SiteIntervention]):
+    def __init__(
+        self,
+        manager: SAEManager,
+        sae: SAE,
+        sites: list[str],
+        name: str,
+        interventions: list[SiteIntervention],
+        sites_out: list[str] | None = None,
+        parent: Any = None,
+    ):
         self.manager = manager
         self.sae = sae
         self.sites = sites
+        self.sites_out = sites_out or []
         self.name = name
         self.interventions = interventions
+        self.parent = parent  # the multi-SAE object (e.g. a Jacobian pair) this attachment belongs to
         self._removers: list[Remover] = []
         self.active = True
 
@@ -143,10 +156,19 @@ class Attachment:
         """Detach from every site. Safe to call twice."""
         self.manager._detach(self)
 
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
     def __repr__(self) -> str:
-        mode = self.interventions[0]
-        kind = "splice+error" if mode.splice and mode.error_term else "splice" if mode.splice else "capture"
-        return f"Attachment(name={self.name!r}, sites={self.sites}, mode={kind}, edits={len(self.edits)})"
+        kinds = []
+        for mode in self.interventions:
+            kind = "splice+error" if mode.splice and mode.error_term else "splice" if mode.splice else "record"
+            if kind not in kinds:
+                kinds.append(kind)
+        return f"Attachment(name={self.name!r}, sites={self.sites}, mode={'/'.join(kinds)}, edits={len(self.edits)})"
 
 
 class SAEManager:
@@ -165,89 +187,140 @@ class SAEManager:
 
     def add_sae(
         self,
-        sae: SAE,
-        hook: str | Sequence[str] | None = None,
+        sae: SAE | Any,
+        site: str | Sequence[str] | None = None,
         *,
-        hook_out: str | None = None,
+        site_out: str | None = None,
         error_term: bool = False,
-        splice: bool = True,
+        splice: SpliceSpec = True,
         detach_error: bool = True,
         skip_positions: PositionSpec = None,
         skip_tokens: Sequence[int] | None = None,
         replace: bool = False,
         name: str | None = None,
-    ) -> Attachment:
-        """Attach ``sae`` at ``hook`` (default: the site(s) it was trained on).
+        hook: str | Sequence[str] | None = None,
+        hook_out: str | None = None,
+        use_error_term: bool | None = None,
+        **pair_options: Any,
+    ) -> Attachment | PairAttachment:
+        """Attach ``sae`` at ``site`` (default: the site(s) it was trained on).
 
         Args:
-            sae: the SAE.
-            hook: a hook name / module path, or several (the same SAE at every one, e.g. a
-                multi-layer SAE). Defaults to ``sae.cfg.sites``.
-            hook_out: for a transcoder, where its output goes (default: the SAE's own ``hook_out``).
+            sae: the SAE, or a Jacobian SAE pair (see :func:`sae_hooks.intervene.attach_pair`).
+            site: a TransformerLens hook name, module path or ``path:input``, or several (the same
+                SAE at every one, e.g. a multi-layer SAE). Defaults to ``sae.cfg.sites``.
+                ``hook=`` is accepted as an alias.
+            site_out: for a transcoder, where its output goes (default: the SAE's own ``hook_out``;
+                ``hook_out=`` is accepted as an alias).
             error_term: splice ``x_hat + (x - x_hat)`` so the model's output is unchanged until
-                latents are edited.
-            splice: ``False`` only records (capture); edits and steering are then added as deltas.
+                latents are edited (``use_error_term=``, SAELens's spelling, is accepted as an alias).
+            splice: ``True``: the forward pass continues with the reconstruction at every site;
+                ``False``: record only (the forward pass is unchanged; edits and steering are added as
+                deltas); a site or list of sites: splice there and record at the others.
             detach_error: keep the error term out of the autograd graph.
             skip_positions / skip_tokens: positions or token ids (e.g. BOS) the SAE leaves untouched.
             replace: remove the SAEs already attached at these sites first (default: stack after them).
             name: the name recorded tensors are published under (default: the site name for the
                 first SAE at a site, ``"{site}.sae{i}"`` for later ones).
+            pair_options: for a Jacobian pair only: ``jacobian=``, ``use_reconstruction=``.
         Returns:
-            The :class:`Attachment`, for edits and ``remove()``.
+            The :class:`Attachment` (a :class:`PairAttachment` for a pair), for edits and ``remove()``.
         """
+        site = _alias("site", site, "hook", hook)
+        site_out = _alias("site_out", site_out, "hook_out", hook_out)
+        error_term = bool(_alias("error_term", error_term or None, "use_error_term", use_error_term))
+        common = dict(error_term=error_term, splice=splice, detach_error=detach_error,
+                      skip_positions=skip_positions, skip_tokens=skip_tokens, replace=replace)
+        if is_pair(sae):
+            if site is not None or site_out is not None or name is not None:
+                raise TypeError("a Jacobian pair attaches at its own sites (pair.cfg.hook_in / hook_out); "
+                                "site=, site_out= and name= are not accepted")
+            return add_pair(self, sae, **common, **pair_options)
+        if pair_options:
+            raise TypeError(f"add_sae() got unexpected keyword argument(s) {sorted(pair_options)}")
         if not isinstance(sae, SAE):
             raise TypeError(f"add_sae expects an sae_hooks SAE, got {type(sae).__name__}")
-        sites_in = self._default_sites(sae, hook)
-        sites_in = [self.backend.resolve(s) for s in sites_in]
-        out_name = hook_out if hook_out is not None else (sae.cfg.sites[0].hook_out if hook is None and sae.cfg.sites else None)
-        site_out = self.backend.resolve(out_name) if out_name else None
-        if site_out is not None and len(sites_in) != 1:
+        return self._add(sae, site, site_out=site_out, name=name, **common)
+
+    def _add(
+        self,
+        sae: SAE,
+        site: str | Sequence[str] | None,
+        *,
+        site_out: str | None,
+        error_term: bool,
+        splice: SpliceSpec,
+        detach_error: bool,
+        skip_positions: PositionSpec,
+        skip_tokens: Sequence[int] | None,
+        replace: bool,
+        name: str | None,
+        parent: Any = None,
+    ) -> Attachment:
+        sites_in = self._default_sites(sae, site)
+        out_name = site_out if site_out is not None else (sae.cfg.sites[0].hook_out if site is None and sae.cfg.sites else None)
+        resolved_out = self.backend.resolve(out_name) if out_name else None
+        if resolved_out is not None and len(sites_in) != 1:
             raise SAEHooksError("a transcoder attaches at one input site and one output site")
-        if sae.cfg.is_transcoder and site_out is None:
+        if sae.cfg.is_transcoder and resolved_out is None:
             raise SAEHooksError(
                 f"{type(sae).__name__} is a transcoder (d_in={sae.cfg.d_in}, d_out={sae.cfg.output_dim}): "
-                "pass hook_out=<where its output goes>"
+                "pass site_out=<where its output goes>"
             )
-        for site in sites_in:
-            self._check_width(site, sae.cfg.d_in, sae, "reads")
-        if site_out is not None:
-            self._check_width(site_out, sae.cfg.output_dim, sae, "writes")
+        spliced = self._splice_sites(splice, sites_in)
+        for s in sites_in:
+            self._check_width(s, sae.cfg.d_in, sae, "reads")
+        if resolved_out is not None:
+            self._check_width(resolved_out, sae.cfg.output_dim, sae, "writes")
         if replace:
-            for site in sites_in if site_out is None else [site_out]:
-                for att in [a for a in self.attachments if site in a.sites or site in getattr(a, "sites_out", [])]:
+            for s in sites_in if resolved_out is None else [resolved_out]:
+                for att in [a for a in self.attachments if s in a.sites or s in a.sites_out]:
                     att.remove()
 
         edits: list[LatentEdit | Steering] = []
         interventions = [
             SiteIntervention(
-                sae, splice=splice, error_term=error_term, detach_error=detach_error,
+                sae, splice=s in spliced, error_term=error_term, detach_error=detach_error,
                 skip_positions=skip_positions, skip_tokens=list(skip_tokens) if skip_tokens else None, edits=edits,
             )
-            for _ in sites_in
+            for s in sites_in
         ]
-        key_sites = sites_in if site_out is None else [site_out]
-        att = Attachment(self, sae, sites_in, name or self._default_name(key_sites[0]), interventions)
-        att.sites_out = [site_out] if site_out else []  # type: ignore[attr-defined]
+        key_sites = sites_in if resolved_out is None else [resolved_out]
+        att = Attachment(self, sae, sites_in, name or self._default_name(key_sites[0]), interventions,
+                         sites_out=[resolved_out] if resolved_out else [], parent=parent)
         try:
-            for site, intervention in zip(sites_in, interventions):
-                prefix = att.name if len(sites_in) == 1 else f"{site}.{att.name}" if name else self._default_name(site)
+            for s, intervention in zip(sites_in, interventions):
+                prefix = att.name if len(sites_in) == 1 else f"{s}.{att.name}" if name else self._default_name(s)
                 recorder, unpublish = self.backend.recorder(prefix)
                 att._removers.append(unpublish)
-                if site_out is None:
+                if resolved_out is None:
                     fn = self._site_fn(intervention, recorder)
-                    att._removers.append(self.backend.install(site, fn))
+                    att._removers.append(self.backend.install(s, fn))
                 else:
                     fn_in, fn_out = self._transcoder_fns(intervention, recorder)
-                    att._removers.append(self.backend.install(site, fn_in))
-                    att._removers.append(self.backend.install(site_out, fn_out))
+                    att._removers.append(self.backend.install(s, fn_in))
+                    att._removers.append(self.backend.install(resolved_out, fn_out))
         except BaseException:
             self._run_removers(att)
             raise
         self.attachments.append(att)
         return att
 
-    def remove_sae(self, sae_or_attachment: SAE | Attachment | str) -> None:
-        """Detach an attachment, every attachment of an SAE, or every SAE at a site name."""
+    def observe(self, site: str, fn: Callable[[Tensor], None]) -> Remover:
+        """Run ``fn`` on the activation at ``site`` in every forward pass (read only); returns its remover.
+
+        Hooks run in the order they were installed, so an observer installed before an SAE at the same
+        site sees the model's own activation.
+        """
+
+        def read_only(x: Tensor) -> None:
+            fn(x)
+            return None
+
+        return self.backend.install(self.backend.resolve(site), read_only)
+
+    def remove_sae(self, sae_or_attachment: SAE | Attachment | str | Any) -> None:
+        """Detach an attachment, every attachment of an SAE (or of a pair), or every SAE at a site."""
         targets = self._find(sae_or_attachment)
         if not targets:
             raise SAEHooksError(f"nothing attached matches {sae_or_attachment!r}; attached: {self.attachments}")
@@ -260,19 +333,34 @@ class SAEManager:
             att.remove()
 
     @contextlib.contextmanager
-    def saes(self, *saes: SAE, **kwargs: Any) -> Iterator[list[Attachment]]:
+    def saes(self, *positional: SAE | Any, reset_saes_end: bool = True, **kwargs: Any) -> Iterator[list[Attachment]]:
         """Attach SAEs for the duration of a ``with`` block; they are removed even on an exception.
 
-        ``with model.saes(sae_a, sae_b, error_term=True) as (a, b): ...``
+        ``with model.saes(sae_a, sae_b, error_term=True) as (a, b): ...``; SAELens's spelling
+        ``model.saes(saes=[sae_a, sae_b], use_error_term=True)`` works too. Other keywords are those of
+        :meth:`add_sae` (unknown ones raise ``TypeError``). ``reset_saes_end=False`` leaves them attached.
         """
+        listed = kwargs.pop("saes", None)
+        unknown = sorted(set(kwargs) - _ADD_SAE_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"saes() got unexpected keyword argument(s) {unknown}; it takes saes= and reset_saes_end= "
+                f"plus add_sae's keywords {sorted(_ADD_SAE_KEYWORDS)}"
+            )
+        todo = list(positional)
+        if listed is not None:
+            todo += [listed] if isinstance(listed, SAE) or is_pair(listed) else list(listed)
+        if not todo:
+            raise TypeError("saes() needs at least one SAE (positional or saes=[...])")
         attached: list[Attachment] = []
         try:
-            for sae in saes:
+            for sae in todo:
                 attached.append(self.add_sae(sae, **kwargs))
             yield attached
         finally:
-            for att in attached:
-                att.remove()
+            if reset_saes_end:
+                for att in attached:
+                    att.remove()
 
     # Generation: absolute positions across cached forward steps --------------------------------------
 
@@ -318,15 +406,33 @@ class SAEManager:
 
     # Internals -----------------------------------------------------------------------------------
 
-    def _default_sites(self, sae: SAE, hook: str | Sequence[str] | None) -> list[str]:
-        if hook is None:
-            sites = [s.hook or s.module for s in sae.cfg.sites]
-            if not sites or any(s is None for s in sites):
-                raise SAEHooksError(
-                    "this SAE records no site it was trained on; pass hook=<hook name or module path>"
-                )
-            return sites  # type: ignore[return-value]
-        return [hook] if isinstance(hook, str) else list(hook)
+    def _default_sites(self, sae: SAE, site: str | Sequence[str] | None) -> list[str]:
+        """Resolved sites: ``site`` as given, else each of ``sae.cfg.sites`` by its hook name, or by its
+        module path when the hook name does not resolve on this model."""
+        if site is not None:
+            return [self.backend.resolve(s) for s in ([site] if isinstance(site, str) else site)]
+        if not sae.cfg.sites or any(s.hook is None and s.module is None for s in sae.cfg.sites):
+            raise SAEHooksError("this SAE records no site it was trained on; pass site=<hook name or module path>")
+        out = []
+        for s in sae.cfg.sites:
+            try:
+                out.append(self.backend.resolve(s.hook or s.module))
+            except HookNotFoundError:
+                if not (s.hook and s.module):
+                    raise
+                out.append(self.backend.resolve(s.module))
+        return out
+
+    def _splice_sites(self, splice: SpliceSpec, sites: list[str]) -> set[str]:
+        if isinstance(splice, bool):
+            return set(sites) if splice else set()
+        wanted = [splice] if isinstance(splice, str) else list(splice)
+        chosen = {self.backend.resolve(s) for s in wanted}
+        stray = sorted(chosen - set(sites))
+        if stray:
+            raise ValueError(f"splice= names sites {stray} that this SAE is not attached at ({sites}); "
+                             "pass True, False, or some of its sites")
+        return chosen
 
     def _check_width(self, site: str, width: int, sae: SAE, verb: str) -> None:
         actual = self.backend.site_width(site)
@@ -369,13 +475,20 @@ class SAEManager:
 
         return read_input, write_output
 
-    def _find(self, key: SAE | Attachment | str) -> list[Attachment]:
+    def _find(self, key: SAE | Attachment | PairAttachment | str | Any) -> list[Attachment]:
         if isinstance(key, Attachment):
             return [key] if key in self.attachments else []
-        if isinstance(key, SAE):
-            return [a for a in self.attachments if a.sae is key]
-        resolved = self.backend.resolve(key) if isinstance(key, str) else key
-        return [a for a in self.attachments if resolved in a.sites or resolved in a.sites_out or a.name == key]  # type: ignore[attr-defined]
+        if isinstance(key, PairAttachment):
+            return [a for a in (key.att_in, key.att_out) if a in self.attachments]
+        if isinstance(key, SAE) or is_pair(key):
+            return [a for a in self.attachments if a.sae is key or a.parent is key]
+        if not isinstance(key, str):
+            raise TypeError(f"remove_sae takes an SAE, an attachment or a site name, got {type(key).__name__}")
+        named = [a for a in self.attachments if a.name == key]
+        if named:
+            return named
+        resolved = self.backend.resolve(key)  # a misspelled site raises with close matches
+        return [a for a in self.attachments if resolved in a.sites or resolved in a.sites_out]
 
     def _run_removers(self, att: Attachment) -> None:
         errors = []
@@ -395,3 +508,20 @@ class SAEManager:
         if att in self.attachments:
             self.attachments.remove(att)
         self._run_removers(att)
+
+
+SpliceSpec = Union[bool, str, Sequence[str]]
+
+
+def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """``value``, or ``alias_value`` when only the alias was given; both given and different is an error."""
+    if alias_value is None:
+        return value
+    if value is not None and value != alias_value:
+        raise TypeError(f"{name}= and its alias {alias}= were both given ({value!r} vs {alias_value!r}); pass one")
+    return alias_value
+
+
+_ADD_SAE_KEYWORDS = frozenset(
+    p for p in inspect.signature(SAEManager.add_sae).parameters if p not in ("self", "sae", "pair_options")
+) | {"jacobian", "use_reconstruction"}

@@ -25,8 +25,8 @@ from typing import Literal, Protocol, Union
 import torch
 from torch import Tensor
 
-from .errors import ShapeMismatchError
-from .saes.base import SAE, SparseLatents, to_dense
+from ..errors import ShapeMismatchError
+from ..saes.base import SAE, SparseLatents, to_dense
 
 PositionSpec = Union[None, int, Sequence[int], slice, Tensor]
 AblationMode = Literal["zero", "mean", "clamp"]

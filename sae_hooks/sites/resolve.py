@@ -1,0 +1,296 @@
+"""Find a site on a model by any spelling and hook it: the one site layer every part of sae-hooks uses.
+
+A *site* is a place in a model where an activation can be read or replaced. It may be written as
+
+* a TransformerLens hook name: ``"blocks.3.hook_resid_post"``. On a TransformerLens model (anything
+  with a ``hook_dict``) it is that ``HookPoint``; on a plain ``nn.Module`` (a Hugging Face model) it is
+  translated to a module path with :mod:`sae_hooks.sites.names` for the model's family;
+* a module path: ``"transformer.h.3"`` is that module's *output* (its hidden-state element);
+* ``"transformer.h.3:input"``: the module's *input* (first positional argument, else ``hidden_states=``).
+
+Every spelling of one tensor resolves to one *canonical* name: its TransformerLens name when it has one,
+else ``path`` / ``path:input``. Misspelled sites raise :class:`~sae_hooks.errors.HookNotFoundError`
+with close matches.
+
+Two implementations share one interface (``resolve``, ``site_width``, ``install``):
+:class:`ModuleSites` over ``nn.Module`` forward hooks and :class:`HookDictSites` over TransformerLens
+``HookPoint``\\ s (found by duck typing: the core never imports TransformerLens). :func:`site_hooks`
+picks the right one for a model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from ..errors import HookNotFoundError, did_you_mean
+from . import names as hooknames
+from .hidden import hidden_of, with_hidden
+
+Remover = Callable[[], None]
+#: A function run on a site's activation in every forward pass; a non-``None`` result replaces it.
+SiteFn = Callable[[Tensor], "Tensor | None"]
+
+
+@runtime_checkable
+class SiteHooks(Protocol):
+    """Anything that installs a function on a site's activation and returns how to remove it."""
+
+    def install(self, site: str, fn: SiteFn) -> Remover: ...
+
+
+def _n_layers(modules: dict[str, nn.Module], fam: hooknames.Family) -> int:
+    layers = modules.get(fam.layers)
+    return len(layers) if isinstance(layers, (nn.ModuleList, nn.Sequential)) else 1
+
+
+def hook_module_output(module: nn.Module, fn: SiteFn, path: str = "") -> Remover:
+    """Run ``fn`` on ``module``'s output hidden state in every forward; a non-``None`` result replaces it."""
+
+    def output_hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+        hidden = hidden_of(output)
+        if hidden is None:
+            raise HookNotFoundError(f"module {path!r} returned {type(output).__name__}, which holds no tensor")
+        new = fn(hidden)
+        return None if new is None else with_hidden(output, new)
+
+    return module.register_forward_hook(output_hook).remove
+
+
+def hook_module_input(module: nn.Module, fn: SiteFn, path: str = "") -> Remover:
+    """Run ``fn`` on ``module``'s input (first positional argument, else ``hidden_states=``)."""
+
+    def input_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args and isinstance(args[0], Tensor):
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        if isinstance(kwargs.get("hidden_states"), Tensor):
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+        raise HookNotFoundError(f"module {path!r} got no tensor input (first argument or hidden_states=)")
+
+    return module.register_forward_pre_hook(input_hook, with_kwargs=True).remove
+
+
+class ModuleSites:
+    """Sites of a plain ``nn.Module``: module paths, ``path:input``, and TransformerLens names.
+
+    Args:
+        module: the model.
+        hook_names: how TransformerLens names are understood: ``"auto"`` (detect the family from
+            ``module.config.model_type`` / the module tree; no TL names if unknown), a family name
+            (``"gpt2"``, ``"llama"``, ...), a dict ``{tl_name: module_site}`` for a custom model, or
+            ``None`` (module paths only).
+    """
+
+    def __init__(self, module: nn.Module, hook_names: str | dict[str, str] | None = "auto"):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.modules = dict(module.named_modules())
+        self.family: hooknames.Family | None = None
+        self.explicit: dict[str, str] = {}
+        if isinstance(hook_names, dict):
+            self.explicit = {k: self._check_site(v) for k, v in hook_names.items()}
+        elif hook_names == "auto":
+            model_type = getattr(getattr(module, "config", None), "model_type", None)
+            self.family = hooknames.detect_family(self.modules, model_type)
+        elif isinstance(hook_names, str):
+            self.family = hooknames.detect_family(self.modules, hook_names) or hooknames.family(hook_names)
+        elif hook_names is not None:
+            raise TypeError(f"hook_names must be 'auto', a family name, a dict or None, got {hook_names!r}")
+        self._reverse = {v: k for k, v in reversed(list(self.explicit.items()))}
+
+    def _check_site(self, site: str) -> str:
+        path, side = hooknames.split_site(site)
+        if path not in self.modules:
+            raise HookNotFoundError(
+                f"no module {path!r} in this {type(self.module).__name__}.{did_you_mean(path, self.modules)}"
+            )
+        return hooknames.join_site(path, side)
+
+    def _tl_to_site(self, name: str) -> str | None:
+        if name in self.explicit:
+            return self.explicit[name]
+        if self.family is not None:
+            try:
+                path, side = hooknames.to_module_path(name, self.family)
+            except HookNotFoundError:
+                return None
+            if path in self.modules:
+                return hooknames.join_site(path, side)
+        return None
+
+    def _site_to_tl(self, site: str) -> str | None:
+        if site in self._reverse:
+            return self._reverse[site]
+        if self.family is not None:
+            return hooknames.to_hook_name(site, self.family)
+        return None
+
+    def is_hook_name(self, site: str) -> bool:
+        """Whether ``site`` is a TransformerLens name this model translates."""
+        return self._tl_to_site(site) is not None
+
+    def candidates(self) -> list[str]:
+        """Every spelling this model accepts (for close-match hints)."""
+        names = list(self.modules) + list(self.explicit)
+        if self.family is not None:
+            names += hooknames.hook_names(self.family, _n_layers(self.modules, self.family))
+        return names
+
+    def resolve(self, name: str) -> str:
+        """Canonical site name: the TransformerLens name when there is one, else ``path[:input]``."""
+        if not isinstance(name, str):
+            raise TypeError(f"sites are strings (module paths or hook names), got {type(name).__name__}")
+        if self._tl_to_site(name) is not None:
+            return name
+        path, _, side = name.partition(":")
+        if path not in self.modules:  # the tree may have changed since we listed it
+            self.modules = dict(self.module.named_modules())
+        if path in self.modules and side in ("", "input", "output"):
+            site = hooknames.join_site(path, side or "output")
+            return self._site_to_tl(site) or site
+        hint = "" if self.family or self.explicit else (
+            " (no TransformerLens names: the model family is unknown; pass hook_names=)"
+        )
+        raise HookNotFoundError(
+            f"no module or hook named {name!r} on this {type(self.module).__name__}{hint}."
+            f"{did_you_mean(name, self.candidates())}"
+        )
+
+    def module_site(self, site: str) -> tuple[nn.Module, str, str]:
+        """``(module, path, side)`` of a site (any spelling)."""
+        spec = self._tl_to_site(site) or self._tl_to_site(self.resolve(site)) or self.resolve(site)
+        path, side = hooknames.split_site(spec)
+        return self.modules[path], path, side
+
+    def site_width(self, site: str) -> int | None:
+        """The feature width at ``site`` when known without running the model, else ``None``."""
+        module, _, side = self.module_site(site)
+        if isinstance(module, nn.Linear):
+            return module.out_features if side == "output" else module.in_features
+        weight = getattr(module, "weight", None)
+        if isinstance(getattr(module, "nf", None), int) and isinstance(weight, Tensor) and weight.dim() == 2:
+            return weight.shape[1] if side == "output" else weight.shape[0]  # HF GPT-2 Conv1D: (in, out)
+        if isinstance(module, nn.Embedding) and side == "output":
+            return module.embedding_dim
+        if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+            return module.normalized_shape[-1]
+        cfg = getattr(self.module, "config", None)
+        width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+        tl = site if self._tl_to_site(site) else None
+        if width and tl and tl.rsplit(".", 1)[-1] in (
+            "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_embed",
+            "hook_pos_embed", "hook_normalized",
+        ):
+            return int(width)
+        return None
+
+    def install(self, site: str, fn: SiteFn) -> Remover:
+        """Run ``fn`` on the activation at ``site`` (any spelling) in every forward pass."""
+        module, path, side = self.module_site(site)
+        if side == "output":
+            return hook_module_output(module, fn, path)
+        return hook_module_input(module, fn, path)
+
+
+_D_MODEL_HOOK = re.compile(r"(hook_resid_(pre|mid|post)|hook_(attn|mlp)_out|ln\d\.hook_normalized|^hook_(pos_)?embed)$")
+
+
+class HookDictSites:
+    """Sites of a TransformerLens model (``HookedTransformer`` or TL4 ``TransformerBridge``).
+
+    TransformerLens names are the model's own ``HookPoint``\\ s. Module paths are accepted too: on a
+    bridge, paths of the wrapped Hugging Face model (``transformer.h.3``, ``transformer.h.3:input``)
+    are translated to the bridge's hook name when there is one, else hooked on that module; on a
+    ``HookedTransformer``, paths of its own module tree (``blocks.3.mlp``).
+    """
+
+    def __init__(self, model: Any):
+        if not hasattr(model, "hook_dict"):
+            raise TypeError(f"{type(model).__name__} has no hook_dict; use ModuleSites for a plain nn.Module")
+        self.model = model
+        self.is_bridge = hasattr(model, "_hook_registry")
+        inner = getattr(model, "original_model", None) if self.is_bridge else model
+        self.modules = ModuleSites(inner, "auto" if self.is_bridge else None) if isinstance(inner, nn.Module) else None
+
+    def hook_point(self, name: str) -> Any:
+        hp = self.model.hook_dict[name]
+        return getattr(hp, "_target", hp)  # TL4 aliases may be views of the real HookPoint
+
+    def is_hook_point(self, site: str) -> bool:
+        return site in self.model.hook_dict
+
+    def resolve(self, name: str) -> str:
+        if not isinstance(name, str):
+            raise TypeError(f"sites are strings (hook names or module paths), got {type(name).__name__}")
+        hooks = self.model.hook_dict
+        if name in hooks:
+            return name
+        if self.modules is not None:
+            try:
+                return self.modules.resolve(name)
+            except HookNotFoundError:
+                pass
+        candidates = list(hooks) + (list(self.modules.modules) if self.modules is not None else [])
+        raise HookNotFoundError(
+            f"no hook or module named {name!r} on this {type(self.model).__name__}.{did_you_mean(name, candidates)}"
+        )
+
+    def site_width(self, site: str) -> int | None:
+        site = self.resolve(site)
+        if not self.is_hook_point(site):
+            return self.modules.site_width(site) if self.modules is not None else None
+        cfg = getattr(self.model, "cfg", None)
+        if cfg is None:
+            return None
+        if _D_MODEL_HOOK.search(site):
+            return getattr(cfg, "d_model", None)
+        if re.search(r"mlp\.hook_(pre|post)$", site):
+            return getattr(cfg, "d_mlp", None)
+        if site.endswith("attn.hook_z"):
+            n_heads, d_head = getattr(cfg, "n_heads", None), getattr(cfg, "d_head", None)
+            return n_heads * d_head if n_heads and d_head else None
+        return None
+
+    def install(self, site: str, fn: SiteFn) -> Remover:
+        """A temporary forward hook on the site's ``HookPoint`` (or module); returns its remover."""
+        site = self.resolve(site)
+        if self.is_hook_point(site):
+            return hook_module_output(self.hook_point(site), fn, site)
+        assert self.modules is not None
+        return self.modules.install(site, fn)
+
+
+def site_hooks(model: Any, sites: Sequence[str] | None = None) -> SiteHooks:
+    """The site layer for ``model``, every spelling accepted; ``sites`` are resolved now (early errors).
+
+    ``model`` may be an object with ``install(site, fn)`` already (returned as is), a model given the SAE
+    API by an adapter (its backend, so ``hook_names=`` given to the adapter apply), a TransformerLens
+    model (:class:`HookDictSites`) or any ``nn.Module`` (:class:`ModuleSites`).
+    """
+    if isinstance(model, SiteHooks) and not isinstance(model, nn.Module):
+        layer: Any = model
+    else:
+        manager = getattr(model, "__dict__", {}).get("sae_manager")
+        if manager is not None and isinstance(manager.backend, SiteHooks):
+            layer = manager.backend
+        elif hasattr(model, "hook_dict"):
+            layer = HookDictSites(model)
+        elif isinstance(model, nn.Module):
+            layer = ModuleSites(model)
+        else:
+            raise TypeError(f"expected an nn.Module or an object with install(site, fn), got {type(model).__name__}")
+    resolve = getattr(layer, "resolve", None)
+    if resolve is not None:
+        for s in sites or ():
+            resolve(s)
+    return layer
+
+
+__all__ = ["SiteHooks", "SiteFn", "Remover", "ModuleSites", "HookDictSites", "site_hooks",
+           "hook_module_output", "hook_module_input"]
