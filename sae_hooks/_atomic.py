@@ -308,8 +308,11 @@ def _clean_dead(path: Path) -> None:
         names = os.listdir(path.parent)
     except OSError:
         return
+    lock_prefix = "." + prefix  # lock files of those siblings (a writer killed inside a nested save)
     for n in names:
         if n.startswith(prefix) and _dead_writer(n):
+            _remove(path.parent / n)
+        elif n.startswith(lock_prefix) and n.endswith(".lock") and _dead_writer(n[1:-len(".lock")]):
             _remove(path.parent / n)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..saes.base import SAE
 from ..saes.training import ArchSettings, LossOutput, StepContext, remove_parallel_grad, unit_norm_rows_
 from . import checkpoint as _ckpt
 from .objectives import Objective, make_objective
@@ -632,13 +633,17 @@ class Trainer:
         all or none: the folders are swapped in as one unit (a kill mid-save leaves every old folder or every new
         one, see :func:`sae_hooks._atomic.atomic_dirs`)."""
         from .._atomic import atomic_dirs
+        from ..native import write_folder
 
         out = Path(out_dir)
         paths = {e.name: out / e.name for e in self.entries}
         finals = [e.final() for e in self.entries]
         with atomic_dirs(list(paths.values())) as tmps:
             for model, tmp in zip(finals, tmps):
-                model.save(tmp)
+                if type(model).save is SAE.save:
+                    write_folder(model, tmp)  # plainly: the set is what is swapped in atomically
+                else:
+                    model.save(tmp)  # e.g. a Jacobian pair's folder
         return paths
 
 
