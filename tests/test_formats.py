@@ -184,7 +184,8 @@ def _llama(tmp_path, d_out=D, norm_in=3.0, norm_out=3.0, hook_out=None):
 
 def test_llama_scope_folds_dataset_norm(tmp_path):
     folder, (enc_w, enc_b, dec_w, dec_b) = _llama(tmp_path)
-    sae = sae_hooks.load(folder)
+    # SAELens's convention (the authors' own loader is the default: tests/hub/test_llama_scope.py).
+    sae = sae_hooks.load(folder, convention="saelens")
     assert sae.cfg.metadata["source_format"] == "llama_scope"
     assert sae.cfg.normalize == "none" and not sae.cfg.apply_b_dec_to_input
     assert sae.cfg.hook_name == "blocks.4.hook_resid_post"
@@ -196,7 +197,7 @@ def test_llama_scope_folds_dataset_norm(tmp_path):
 def test_llama_scope_transcoder_uses_output_norm(tmp_path):
     folder, (enc_w, enc_b, dec_w, dec_b) = _llama(tmp_path, d_out=6, norm_in=3.0, norm_out=0.5,
                                                   hook_out="blocks.4.hook_mlp_out")
-    sae = sae_hooks.load(folder)
+    sae = sae_hooks.load(folder, convention="saelens")
     assert sae.cfg.sites[0].hook_out == "blocks.4.hook_mlp_out"
     x = xs(scale=1.0)
     args = [a.astype(np.float64) for a in (enc_w, enc_b, dec_w, dec_b)]

@@ -7,10 +7,11 @@ Rules, tried in this order (:data:`sae_hooks.hub.formats.FORMATS`); paths are re
 3. ``saelens``: ``cfg.json`` + ``sae_weights.safetensors``.
 4. ``gemma_scope_2``: ``params.safetensors`` (``config.json`` optional).
 5. ``gemma_scope``: ``params.npz``.
-6. ``llama_scope``: ``hyperparams.json`` + ``checkpoints/final.safetensors``.
-7. ``dictionary_learning``: ``config.json`` + ``ae.pt``.
-8. ``mlsae``: ``config.json`` + ``model.safetensors``.
-9. ``openai``: exactly one ``*.pt`` and no ``cfg.json``/``config.json``/``hyperparams.json``.
+6. ``llama_scope``: ``hyperparams.json`` + ``sae_weights.*`` or ``checkpoints/{pruned,final}.{safetensors,pt}``.
+7. ``lm_saes``: ``config.json`` + ``sae_weights.safetensors`` (or ``.pt``).
+8. ``dictionary_learning``: ``config.json`` + ``ae.pt``.
+9. ``mlsae``: ``config.json`` + ``model.safetensors``.
+10. ``openai``: exactly one ``*.pt`` and no ``cfg.json``/``config.json``/``hyperparams.json``.
 
 Rules 1 and 2 share file names; they are told apart by reading ``cfg.json`` (``peek``). Any other overlap (a
 folder with both ``params.npz`` and ``sae_weights.safetensors``, say) is ambiguous: :class:`AmbiguousFormatError`

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import SAEFormatError, SAEHooksError, close_matches
+from ..errors import ConfigError, SAEFormatError, SAEHooksError, close_matches
 from ..saes import SAE
 from . import releases as _releases
 from .detect import detect_format, is_sae_folder
@@ -33,6 +33,7 @@ from .releases import SAEIdNotFoundError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONFIG_NAMES = ("cfg.json", "config.json", "hyperparams.json")
+_CONVENTION_FORMATS = {"llama_scope", "lm_saes"}
 
 
 class UnknownSourceError(SAEHooksError, FileNotFoundError):
@@ -247,6 +248,9 @@ def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: 
                     f"{valid[:10]}{' ...' if len(valid) > 10 else ''}, or use load_many()"
                 ) from None
         raise
+    if opts.convention is not None and fmt.name not in _CONVENTION_FORMATS:
+        raise ConfigError(f"{where}: convention= applies to the formats {sorted(_CONVENTION_FORMATS)} only; this SAE "
+                          f"is {fmt.name!r}, whose authors' loader and SAELens's agree")
     needed = fmt.needed(rel)
     folder_root = source.fetch([f"{prefix}/{r}" if prefix else r for r in needed])
     folder = folder_root / prefix if prefix else folder_root
@@ -281,13 +285,15 @@ def load(
     model_name: str | None = None,
     n_layers: int | None = None,
     norm_scaling_factor: float | None = None,
+    convention: str | None = None,
 ) -> SAE:
     """Load one SAE from a local folder/file, a Hub repo, or a registered release.
 
     Args:
         repo_or_path: a local path, a release name (see :func:`list_pretrained`) or a Hub repo id.
-        sae_id: path of the SAE inside the folder/repo (``"layer_5/width_16k/average_l0_71"``, ``"layers.3"``,
-            ``"resid_post_mlp_v5_32k/autoencoders/5.pt"``); ``None``: the root.
+        sae_id: path of the SAE inside the folder/repo (``"layer_5/width_16k/average_l0_68"``, ``"layers.3"``,
+            ``"resid_post_mlp_v5_32k/autoencoders/5.pt"``), or for a release its SAELens id or path (see
+            ``list_pretrained(release)``); ``None``: the root.
         revision: Hub branch, tag or commit (default ``main``); all files come from one commit.
         format: skip detection (``"saelens"``, ``"sparsify"``, ``"gemma_scope"``, ... see ``detect``).
         device, dtype: where the weights go and what they become (``None``: cpu / the file's dtype).
@@ -295,9 +301,11 @@ def load(
             ``HF_HUB_OFFLINE``).
         hook, hook_out, model_name, n_layers: site information overriding what the format infers.
         norm_scaling_factor: SAELens ``expected_average_only_in`` constant to fold into the weights.
+        convention: Llama Scope / lm-saes only: ``"authors"`` (default: what the authors' loader computes) or
+            ``"saelens"`` (SAELens's conversion); see ``docs/loading.md``.
     """
     opts = LoadOptions(device=device, dtype=dtype, hook=hook, hook_out=hook_out, model_name=model_name,
-                       n_layers=n_layers, norm_scaling_factor=norm_scaling_factor)
+                       n_layers=n_layers, norm_scaling_factor=norm_scaling_factor, convention=convention)
     source, file_id, release = _source_for(repo_or_path, revision, token, cache_dir, local_files_only)
     if release is not None:
         return _load_release(release, sae_id, revision, format, opts, token, cache_dir, local_files_only)
@@ -307,28 +315,44 @@ def load(
 
 
 def _load_release(release, sae_id, revision, fmt, opts, token, cache_dir, local_files_only) -> SAE:  # noqa: ANN001
-    fields = release.match(sae_id)
     if not release.on_hub:
         url = release.url(sae_id or release.example)
         raise SAEIdNotFoundError(
             f"release {release.name!r} is not on the Hugging Face Hub ({release.verified}). Download "
             f"{url or release.source} yourself, then load(<that .pt file>)."
         )
+    if release.format is None and fmt is None:
+        raise _releases.UnsupportedReleaseError(
+            f"release {release.name!r} ({release.repo_id}) is listed, but {release.why}. Load its files with "
+            "format= once a loader exists, or convert them.")
     source = _HubSource(release.repo_id, revision, token, cache_dir, local_files_only)
-    if fields is None:
-        try:
-            valid = list_sae_ids(source.list())
-        except SAEHooksError:
-            valid = None
-        raise _releases.unknown_sae_id_error(release, sae_id, valid)
-    hook, hook_out = release.hooks_for(fields)
+    if release.listed:
+        listed = release.resolve(sae_id)
+        if listed is None:
+            raise _releases.unknown_sae_id_error(release, sae_id)
+        hook, hook_out = release.site(listed)
+        path = listed.path
+        if listed.norm_scaling_factor is not None and (fmt or release.format) == "saelens":
+            opts.norm_scaling_factor = opts.norm_scaling_factor or listed.norm_scaling_factor
+    else:
+        fields = release.match(sae_id)
+        if fields is None:
+            try:
+                valid = list_sae_ids(source.list())
+            except SAEHooksError:
+                valid = None
+            raise _releases.unknown_sae_id_error(release, sae_id, valid)
+        hook, hook_out = release.hooks_for(fields)
+        path = sae_id
     opts.hook = opts.hook or hook
     opts.hook_out = opts.hook_out or hook_out
     opts.model_name = opts.model_name or release.model
     opts.n_layers = opts.n_layers or release.n_layers
     try:
-        return _load_from(source, sae_id, fmt or release.format, opts)
+        return _load_from(source, path, fmt or release.format, opts)
     except SAEIdNotFoundError:
+        if release.listed:
+            raise
         raise _releases.unknown_sae_id_error(release, sae_id, list_sae_ids(source.list())) from None
 
 
@@ -356,7 +380,10 @@ def load_many(
             raise SAEIdNotFoundError(f"release {release.name!r} is not on the Hugging Face Hub: {release.source}")
         source = _HubSource(release.repo_id, revision, token, cache_dir, local_files_only)
     ids = list_sae_ids(source.list())
-    if release is not None:
+    if release is not None and release.listed:  # SAELens ids of the listed SAEs present in the repo
+        present = set(ids)
+        ids = sorted((s.id for s in release.saes if s.path in present), key=_natural)
+    elif release is not None:
         ids = [i for i in ids if release.match(i) is not None]
     chosen = [i for i in ids if fnmatch.fnmatchcase(i, pattern)]
     if not chosen:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...saes import SAE
-from . import dictionary_learning, gemma_scope, llama_scope, mlsae, native, openai, saelens, sparsify
+from . import dictionary_learning, gemma_scope, llama_scope, lm_saes, mlsae, native, openai, saelens, sparsify
 from ._common import LoadOptions
 
 
@@ -44,7 +44,8 @@ FORMATS: list[Format] = [
            "params.safetensors (+ optional config.json)"),
     Format(gemma_scope.NAME_1, gemma_scope.detect_1, gemma_scope.needed_1, gemma_scope.load_1, "params.npz"),
     Format(llama_scope.NAME, llama_scope.detect, llama_scope.needed, llama_scope.load,
-           "hyperparams.json + checkpoints/final.safetensors"),
+           "hyperparams.json + sae_weights.* or checkpoints/{pruned,final}.{safetensors,pt}"),
+    Format(lm_saes.NAME, lm_saes.detect, lm_saes.needed, lm_saes.load, "config.json + sae_weights.{safetensors,pt}"),
     Format(dictionary_learning.NAME, dictionary_learning.detect, dictionary_learning.needed, dictionary_learning.load,
            "config.json + ae.pt"),
     Format(mlsae.NAME, mlsae.detect, mlsae.needed, mlsae.load, "config.json + model.safetensors"),
@@ -53,6 +54,7 @@ FORMATS: list[Format] = [
 
 BY_NAME: dict[str, Format] = {f.name: f for f in FORMATS}
 ALIASES = {"native": "sae_hooks", "sae_lens": "saelens", "gemma_scope_1": "gemma_scope", "gemma-scope": "gemma_scope",
-           "eleuther": "sparsify", "dictionary-learning": "dictionary_learning", "llama-scope": "llama_scope"}
+           "eleuther": "sparsify", "dictionary-learning": "dictionary_learning", "llama-scope": "llama_scope",
+           "llamascopium": "lm_saes", "lm-saes": "lm_saes"}
 
 __all__ = ["FORMATS", "BY_NAME", "ALIASES", "Format", "LoadOptions"]

@@ -38,6 +38,8 @@ class LoadOptions:
         sae_id: the path of the SAE inside the repo / folder (some formats infer the layer from it).
         n_layers: number of layers, for multi-layer SAEs whose files do not say it.
         norm_scaling_factor: SAELens ``expected_average_only_in`` constant to fold into the weights.
+        convention: for formats whose authors' loader and SAELens's differ (Llama Scope / lm-saes): ``"authors"``
+            (default) or ``"saelens"``; any other format refuses it.
         extra: anything else a format may read.
     """
 
@@ -50,6 +52,7 @@ class LoadOptions:
     sae_id: str | None = None
     n_layers: int | None = None
     norm_scaling_factor: float | None = None
+    convention: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -104,19 +104,32 @@ def test_offline_after_first_download(hub_server, hf_offline):
 
 
 def test_release_resolves_through_registry(hub_server):
-    sid = "layer_5/width_16k/average_l0_71"
+    sid = "layer_5/width_16k/average_l0_68"  # listed by SAELens for gemma-scope-2b-pt-res
     hub_server.create_repo("google/gemma-scope-2b-pt-res", {
-        f"{sid}/params.npz": npz_bytes(), "layer_5/width_16k/average_l0_143/params.npz": npz_bytes(1)})
+        f"{sid}/params.npz": npz_bytes(), "layer_5/width_16k/average_l0_143/params.npz": npz_bytes(1),
+        "layer_5/width_16k/average_l0_999/params.npz": npz_bytes(2)})  # on the Hub, not in the listing
     sae = sae_hooks.load("gemma-scope-2b-pt-res", sae_id=sid)
     assert sae.cfg.metadata["source_format"] == "gemma_scope"
     assert sae.cfg.hook_name == "blocks.5.hook_resid_post" and sae.cfg.model_name == "google/gemma-2-2b"
     assert sae.cfg.sites[0].module == "model.layers.5"
-    with pytest.raises(SAEIdNotFoundError, match="average_l0_71"):
+    hub_server.clear_requests()
+    with pytest.raises(SAEIdNotFoundError, match="average_l0_68"):
         sae_hooks.load("gemma-scope-2b-pt-res", sae_id="layer_5/width_16k/average_l0_70")  # fits the pattern
-    with pytest.raises(SAEIdNotFoundError, match="average_l0_71"):
-        sae_hooks.load("gemma-scope-2b-pt-res", sae_id="layer5/width_16k/average_l0_71")  # does not
+    with pytest.raises(SAEIdNotFoundError, match="average_l0_68"):
+        sae_hooks.load("gemma-scope-2b-pt-res", sae_id="layer5/width_16k/average_l0_68")  # does not
+    assert hub_server.content_gets() == []  # refused from the listing, without a download
     assert list(sae_hooks.load_many("gemma-scope-2b-pt-res")) == [
-        "layer_5/width_16k/average_l0_71", "layer_5/width_16k/average_l0_143"]
+        "layer_5/width_16k/average_l0_68", "layer_5/width_16k/average_l0_143"]
+
+
+def test_canonical_release_id_maps_to_its_folder(hub_server):
+    # SAELens's canonical ids name no folder: the listing maps them to the average_l0 folder they stand for.
+    hub_server.create_repo("google/gemma-scope-2b-pt-res", {"layer_5/width_16k/average_l0_68/params.npz": npz_bytes()})
+    listed = {r["sae_id"]: r["path"] for r in sae_hooks.list_pretrained("gemma-scope-2b-pt-res-canonical")}
+    assert listed["layer_5/width_16k/canonical"] == "layer_5/width_16k/average_l0_68"
+    a = sae_hooks.load("gemma-scope-2b-pt-res-canonical", "layer_5/width_16k/canonical")
+    b = sae_hooks.load("google/gemma-scope-2b-pt-res", "layer_5/width_16k/average_l0_68")
+    assert torch.equal(a.W_enc, b.W_enc) and a.cfg.hook_name == "blocks.5.hook_resid_post"
 
 
 def test_push_to_hub_round_trip(hub_server):
