@@ -29,7 +29,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; writers are then serialised within this process only
+    fcntl = None  # type: ignore[assignment]
 import json
 import os
 import secrets
@@ -175,6 +178,26 @@ _held: dict[str, list] = {}  # lock file -> [owner thread id, depth]
 _held_guard = threading.Lock()
 
 
+_process_locks: dict[str, threading.Lock] = {}  # the fallback where flock does not exist
+
+
+def _flock(fd: int, key: str) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    with _held_guard:
+        lock = _process_locks.setdefault(key, threading.Lock())
+    if not lock.acquire(blocking=False):
+        raise BlockingIOError(key)
+
+
+def _funlock(fd: int, key: str) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    else:
+        _process_locks[key].release()
+
+
 def _lock_file(path: Path) -> Path:
     path = Path(os.path.abspath(path))
     return path.with_name(f".{path.name}.lock")
@@ -182,7 +205,8 @@ def _lock_file(path: Path) -> Path:
 
 def _holder(fd: int) -> str:
     try:
-        raw = os.pread(fd, 4096, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 4096)
         info = json.loads(raw.decode() or "{}")
     except (OSError, ValueError):
         info = {}
@@ -220,7 +244,7 @@ def folder_lock(path: str | os.PathLike, timeout: float = DEFAULT_LOCK_TIMEOUT) 
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fd, key)
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 holder = _holder(fd)
@@ -248,7 +272,8 @@ def folder_lock(path: str | os.PathLike, timeout: float = DEFAULT_LOCK_TIMEOUT) 
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300],
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(info).encode())
         with _held_guard:
             _held[key] = [me, 1]
         try:
@@ -258,7 +283,7 @@ def folder_lock(path: str | os.PathLike, timeout: float = DEFAULT_LOCK_TIMEOUT) 
                 _held.pop(key, None)
             with contextlib.suppress(OSError):
                 os.unlink(lock)  # while still holding it; see the inode check above
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            _funlock(fd, key)
     finally:
         os.close(fd)
 
