@@ -103,9 +103,12 @@ def validate_checkpoint(trainer: Any, meta: dict[str, Any], tensors: dict[str, t
         for key, typ in (("sites", list), ("kind", str), ("settings", dict), ("state", dict), ("objective", dict),
                          ("optimizer", dict)):
             need(em, key, typ, where)
-        if list(em["sites"]) != list(e.sites) or em["kind"] != e.objective.kind:
+        if list(em["sites"]) != list(e.sites) or em["kind"] != e.objective.kind:  # as the trainer words it
+            two = getattr(e, "site_out", None) is not None or len(em["sites"]) == 2 and em["kind"] == "sae"
+            roles = "site, site_out" if two else "sites"
             raise ConfigError(
-                f"{path}: {where} was a {em['kind']} trained at {em['sites']}, not a {e.objective.kind} at {list(e.sites)}"
+                f"{path}: {where} was a {em['kind']} trained at ({roles}) {em['sites']}, not a "
+                f"{e.objective.kind} at {list(e.sites)}"
             )
         pre = f"entry.{e.name}."
         module = e.objective.module
