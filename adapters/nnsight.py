@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from sae_hooks.errors import HookNotFoundError, SAEHooksError, did_you_mean
 from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 
-from ._binding import bind, wrap_generation
+from ._binding import OWN_KEYS, bind, wrap_generation
+from ._foreign import convert_foreign
 from .torch import TorchBackend, _CacheRecorder
 
 try:  # nnsight is required by this adapter only.
@@ -71,8 +72,9 @@ def attach(model: Any, hook_names: str | dict[str, str] | None = "auto") -> Any:
         raise SAEHooksError(
             "the module under this nnsight model already has the torch adapter attached; attach one adapter only"
         )
+    module.__dict__["_sae_hooks_nnsight"] = True  # the torch adapter refuses this module now
     backend = NNsightBackend(model, hook_names)
-    manager = SAEManager(backend)
+    manager = SAEManager(backend, convert_foreign)
     backend.manager = manager
     bind(model, manager)
     model.__dict__["sae_capture"] = backend.capture
@@ -90,7 +92,8 @@ def detach(model: Any) -> None:
     manager.reset_saes()
     manager.backend.remove_context_hook()
     model._module.__dict__.pop("generate", None)
-    for name in ("add_sae", "remove_sae", "reset_saes", "saes", "sae_manager", "sae_capture", "sae_taps"):
+    model._module.__dict__.pop("_sae_hooks_nnsight", None)
+    for name in OWN_KEYS:
         model.__dict__.pop(name, None)
 
 

@@ -37,18 +37,23 @@ exception; :func:`detach` removes the adapter itself.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import fnmatch
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from sae_hooks.errors import HookNotFoundError, did_you_mean
+from sae_hooks.errors import HookNotFoundError, SAEHooksError, did_you_mean
 from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 from sae_hooks.sites import ModuleSites
 
-from ._binding import BOUND_METHODS, bind, wrap_generation
+from ._binding import OWN_KEYS, bind, wrap_generation
+from ._foreign import convert_foreign
 
 def attach(module: nn.Module, hook_names: str | dict[str, str] | None = "auto") -> nn.Module:
     """Give ``module`` the SAE API (``add_sae``, ``remove_sae``, ``reset_saes``, ``saes``,
@@ -65,11 +70,18 @@ def attach(module: nn.Module, hook_names: str | dict[str, str] | None = "auto") 
         return module
     if not isinstance(module, nn.Module):
         raise TypeError(f"attach expects an nn.Module, got {type(module).__name__}")
+    if module.__dict__.get("_sae_hooks_nnsight"):
+        raise SAEHooksError(
+            "this module is wrapped by an nnsight model that already has the nnsight adapter attached; "
+            "attach one adapter only (use the nnsight model's add_sae)"
+        )
     backend = TorchBackend(module, hook_names)
-    manager = SAEManager(backend)
+    manager = SAEManager(backend, convert_foreign)
     backend.manager = manager
-    bind(module, manager)
+    bind(module, manager, functools.partial(_deepcopy_attached, module))
     module.__dict__["sae_capture"] = backend.capture
+    if not hasattr(module, "run_with_cache"):
+        module.__dict__["run_with_cache"] = backend.run_with_cache
     wrap_generation(module, manager)
     backend.install_context_hook()
     return module
@@ -82,8 +94,40 @@ def detach(module: nn.Module) -> None:
         return
     manager.reset_saes()
     manager.backend.remove_context_hook()
-    for name in (*BOUND_METHODS, "sae_manager", "sae_capture", "generate"):
+    for name in OWN_KEYS:
+        if name == "run_with_cache" and module.__dict__.get(name) != manager.backend.run_with_cache:
+            continue
         module.__dict__.pop(name, None)
+
+
+def _deepcopy_attached(module: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of an attached module: a plain deep copy of the model (without the adapter's
+    hooks), attached anew, with the same SAEs (shared, not copied) at the same sites, same options and
+    copies of the edits. Edits on one no longer move the other."""
+    manager: SAEManager = module.__dict__["sae_manager"]
+    backend: TorchBackend = manager.backend
+    ours = {k: module.__dict__.pop(k) for k in OWN_KEYS if k in module.__dict__}
+    try:
+        clone = copy.deepcopy(module, memo)
+    finally:
+        module.__dict__.update(ours)
+    ids = backend.hook_ids()
+    for sub in clone.modules():
+        for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._forward_hooks_with_kwargs,
+                      sub._forward_pre_hooks_with_kwargs, sub._forward_hooks_always_called):
+            for i in ids:
+                hooks.pop(i, None)
+    attach(clone, backend.hook_names_arg)
+    for att in manager.attachments:
+        first = att.interventions[0]
+        new = clone.sae_manager._add(
+            att.sae, att.sites, site_out=att.sites_out[0] if att.sites_out else None, name=att.name,
+            splice=[s for s, i in zip(att.sites, att.interventions) if i.splice], error_term=first.error_term,
+            detach_error=first.detach_error, skip_positions=first.skip_positions, skip_tokens=first.skip_tokens,
+            replace=False,
+        )
+        new.edits.extend(copy.deepcopy(att.edits, memo))
+    return clone
 
 
 class _CacheRecorder:
@@ -98,9 +142,17 @@ class _CacheRecorder:
 
     def __call__(self, name: str, value: Tensor) -> Tensor:
         key = f"{self.prefix}.{name}"
+        manager = self.backend.manager
+        # A KV-cached generation step feeds only the new tokens: append them along the position axis,
+        # so the cache holds every step (a forward from position 0 starts afresh).
+        stepping = manager is not None and manager._generating and manager.context.position_offset > 0
         for capture in self.backend.captures:
             if capture.selects(key):
-                capture[key] = value.detach() if capture.detach else value
+                new = value.detach() if capture.detach else value
+                old = dict.get(capture, key)
+                if stepping and old is not None and old.dim() == new.dim() >= 2 and old.shape[0] == new.shape[0]:
+                    new = torch.cat([old, new], dim=1)
+                capture[key] = new
         return value
 
 
@@ -136,6 +188,7 @@ class TorchBackend(ModuleSites):
 
     def __init__(self, module: nn.Module, hook_names: str | dict[str, str] | None = "auto"):
         super().__init__(module, hook_names)
+        self.hook_names_arg = hook_names
         self.manager: SAEManager | None = None
         self._captures = threading.local()  # a capture records the forward passes of the thread that opened it
         self._context_handle: Any = None
@@ -173,6 +226,26 @@ class TorchBackend(ModuleSites):
             yield cache
         finally:
             self.captures.remove(cache)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def hook_ids(self) -> set[int]:
+        """Ids of every torch hook this adapter registered (the context hook and the SAEs' hooks)."""
+        removers = [r for att in self.manager.attachments for r in att._removers] if self.manager else []
+        handles = [getattr(r, "__self__", None) for r in removers] + [self._context_handle]
+        return {h.id for h in handles if isinstance(h, RemovableHandle)}
+
+    def run_with_cache(
+        self, *args: Any, names_filter: str | Iterable[str] | Callable[[str], bool] | None = None,
+        detach: bool = True, **kwargs: Any,
+    ) -> tuple[Any, SAECache]:
+        """``(output, cache)``: one forward pass with the attached SAEs' tensors recorded (TransformerLens's
+        ``run_with_cache`` for the SAE tensors). For generation, ``with model.sae_capture() as cache:
+        model.generate(...)`` keeps every step."""
+        with self.capture(names_filter, detach=detach) as cache:
+            out = self.forward(*args, **kwargs)
+        return out, cache
 
     # Forward context -----------------------------------------------------------------------------
 

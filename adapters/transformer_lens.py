@@ -14,6 +14,11 @@ that ``run_with_cache`` records and ``run_with_hooks`` can edit.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import importlib.util
+import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +28,7 @@ from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
 from sae_hooks.sites import HookDictSites
 
 from ._binding import bind, wrap_generation
+from ._foreign import convert_foreign
 
 try:  # TransformerLens is required by this adapter only.
     from transformer_lens.hook_points import HookPoint
@@ -45,12 +51,58 @@ def attach(model: Any) -> Any:
             "use sae_hooks.adapters.torch.attach for a plain nn.Module"
         )
     backend = TransformerLensBackend(model)
-    manager = SAEManager(backend)
+    manager = SAEManager(backend, convert_foreign)
     backend.manager = manager
     bind(model, manager)
-    wrap_generation(model, manager, ("generate", "generate_stream", "hf_generate"))
+    check = _kv_cache_check if backend.is_bridge and _TL_VERSION.startswith("4.3.") else None
+    wrap_generation(model, manager, ("generate", "generate_stream"), check)
+    wrap_generation(model, manager, ("hf_generate",))
     backend.install_context_hooks()
+    _wrap_reset(model, backend)
     return model
+
+
+_TL_VERSION = importlib.metadata.version("transformer_lens") if importlib.util.find_spec("transformer_lens") else ""
+KV_CACHE_WARNING = (
+    "TransformerLens 4.3's TransformerBridge.generate gives wrong logits with its KV cache (even with no SAE "
+    "attached; the generated tokens then differ from Hugging Face generate). Pass use_past_kv_cache=False "
+    "for exact generation."
+)
+_warned: dict[str, bool] = {}
+
+
+def _kv_cache_check(kwargs: dict[str, Any]) -> None:
+    """Warn once per process when a TL 4.3 bridge is about to generate with its (defective) KV cache."""
+    if kwargs.get("use_past_kv_cache", True) and not _warned.get("kv"):
+        _warned["kv"] = True
+        warnings.warn(KV_CACHE_WARNING, UserWarning, stacklevel=3)
+
+
+def _wrap_reset(model: Any, backend: TransformerLensBackend) -> None:
+    """``reset_hooks(including_permanent=True)`` (and ``remove_all_hook_fns``) would remove the adapter's
+    permanent hooks behind its back: detach the SAEs properly first, and reinstall the adapter's own
+    position-tracking hook afterwards, so nothing stale stays listed and position filters stay right."""
+    for name in ("reset_hooks", "remove_all_hook_fns"):
+        original = getattr(model, name, None)
+        if original is None or getattr(original, "_sae_hooks_wrapped", False):
+            continue
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def reset(*args: Any, _original=original, _signature=signature, **kwargs: Any) -> Any:
+            bound = _signature.bind(*args, **kwargs).arguments
+            forward_too = bound.get("direction", "both") in ("fwd", "both")
+            permanent = bool(bound.get("including_permanent", False)) and forward_too
+            if permanent:
+                backend.manager.reset_saes()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                if permanent:
+                    backend.install_first_block_hook()
+
+        reset._sae_hooks_wrapped = True  # type: ignore[attr-defined]
+        model.__dict__[name] = reset
 
 
 class _HookPointRecorder:
@@ -60,7 +112,8 @@ class _HookPointRecorder:
         self.points = points
 
     def wants(self, name: str) -> bool:
-        return bool(self.points[name].fwd_hooks)
+        point = self.points[name]
+        return bool(point.fwd_hooks or point.bwd_hooks)  # a backward hook alone needs the tensor too
 
     def __call__(self, name: str, value: Tensor) -> Tensor:
         return self.points[name](value)
@@ -99,6 +152,12 @@ class TransformerLensBackend(HookDictSites):
                     hp.fwd_hooks.remove(handle)
 
         return remove
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return self.model.run_with_cache(*args, **kwargs)
 
     def recorder(self, prefix: str) -> tuple[_HookPointRecorder, Remover]:
         points = {}
@@ -165,6 +224,10 @@ class TransformerLensBackend(HookDictSites):
         embed = getattr(self.model, "embed", None)
         if isinstance(embed, nn.Module):
             embed.register_forward_pre_hook(embed_pre_hook, with_kwargs=True)
+        self._first_block_hook = first_block_hook
+        self.install_first_block_hook()
+
+    def install_first_block_hook(self) -> None:
         first = "blocks.0.hook_resid_pre"
         if first in self.model.hook_dict:
-            self.hook_point(first).add_hook(first_block_hook, dir="fwd", is_permanent=True)
+            self.hook_point(first).add_hook(self._first_block_hook, dir="fwd", is_permanent=True)

@@ -76,7 +76,7 @@ def ours(args, ids) -> float:  # noqa: ANN001
         buffer = ShuffleBuffer(source, batch_tokens=batch_tokens, size_tokens=4 * batch_tokens, refill_at=0.5,
                                device=args.device)
         entry = TrainEntry("sae", "transformer.h.1", make_sae("topk", model.config.n_embd, args.d_sae, k=args.k),
-                           TrainSettings(lr=args.lr, warmup_steps=10, aux_coefficient=0.0), device=args.device)
+                           TrainSettings(lr=args.lr, warmup_steps=10, arch={"aux_coefficient": 0.0}), device=args.device)
         trainer = Trainer([entry], autocast_dtype=torch.bfloat16 if args.bf16 else None)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()

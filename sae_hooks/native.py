@@ -15,6 +15,7 @@ from ._files import read_safetensors, read_versioned_json
 from .config import FORMAT_VERSION, SAEConfig, parse_dtype
 from .errors import ConfigError, SAEFormatError, ShapeMismatchError
 from .saes import SAE, build_sae
+from .saes import base as _saes_base
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -108,3 +109,7 @@ def from_state_dict(
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     sae.load_state_dict(state, assign=True)
     return sae
+
+
+# SAE.save / SAE.load use this module without the SAE layer importing it (no saes <-> native cycle).
+_saes_base.NATIVE_IO.update(save=save, load=load)

@@ -41,17 +41,9 @@ def _texts(files: list[str] | None) -> tuple[list[str], list[str]]:
 
 
 def _load_model(path: str | None) -> tuple[Any, Any]:
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:  # pragma: no cover
-        sys.exit("sae-hooks: this command needs transformers (pip install 'sae-hooks[hf]')")
-    if path is None:
-        from .default_model import default_model_path
+    from .models import load_causal_lm
 
-        path = str(default_model_path())
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    model.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(path)
+    return load_causal_lm(path)
 
 
 def _token_batches(tok: Any, texts: list[str], args: argparse.Namespace) -> tuple[list[torch.Tensor], int]:
@@ -62,7 +54,7 @@ def _token_batches(tok: Any, texts: list[str], args: argparse.Namespace) -> tupl
 
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=existing_dir, help="folder of a Hugging Face causal LM (default: the embedded model)")
+    p.add_argument("--model", help="folder or Hub id of a Hugging Face causal LM (default: the embedded model)")
     p.add_argument("--texts", nargs="*", type=existing_file, help="text files (each one document); default: pydoc topics")
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")
@@ -157,18 +149,24 @@ def _train_locked(args: argparse.Namespace, dist_info: Any, rank: int, world: in
     else:
         model, tok = _load_model(args.model)
         model.to(device)
-        texts, _ = _texts(args.texts)
-        batches, bos = _token_batches(tok, texts, args)
         if not args.site:
             sys.exit("sae-hooks train: give at least one --site")
-        repeated = [b for _ in range(args.epochs) for b in batches]
-        if ddp:
-            repeated = repeated[rank::world]
-        source = LiveSource(
-            model, read_sites, repeated, bos_token_id=bos,
-            autocast_dtype=torch.bfloat16 if args.bf16 else None,
-        )
-        widths = {s: t.shape[-1] for s, t in source.reader.read(batches[0][:1]).items()}  # one tiny forward
+        if args.dataset:
+            from ..train.datasets import dataset_source
+
+            source, first = dataset_source(model, tok, read_sites, args, rank=rank, world=world if ddp else 1)
+        else:
+            texts, _ = _texts(args.texts)
+            batches, bos = _token_batches(tok, texts, args)
+            repeated = [b for _ in range(args.epochs) for b in batches]
+            if ddp:
+                repeated = repeated[rank::world]
+            source = LiveSource(
+                model, read_sites, repeated, bos_token_id=bos,
+                autocast_dtype=torch.bfloat16 if args.bf16 else None,
+            )
+            first = batches[0]
+        widths = {s: t.shape[-1] for s, t in source.reader.read(first[:1], torch.ones_like(first[:1])).items()}  # one tiny forward
     buffer = ShuffleBuffer(source, batch_tokens=batch_tokens, size_tokens=buffer_tokens, seed=args.seed, device=device)
     entries = []
     for site, out in pairs or [(s, None) for s in source.sites]:
@@ -243,7 +241,7 @@ def cmd_save_activations(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..metrics import hooks_splice_runner, reconstruction_metrics, splice_metrics
+    from ..eval import hooks_splice_runner, reconstruction_metrics, splice_metrics
     from ..native import load
     from ..train.sources import ActivationReader
 
@@ -282,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     torch.set_num_threads(args.threads)
-    run_demo(DemoConfig(steps=args.steps), progress=not args.no_progress, out_dir=args.out)
+    run_demo(DemoConfig(steps=args.steps), progress=not args.no_progress, out_dir=args.out, dashboard=not args.no_dashboard)
     return 0
 
 
@@ -300,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train SAEs in place (live model) or on captured activations")
     _add_text_args(t)
     t.add_argument("--activations", type=existing_dir, help="folder written by `sae-hooks save-activations` (instead of a live model)")
+    from ..train.datasets import add_dataset_args
+
+    add_dataset_args(t)
     t.add_argument("--site", action="append",
                    help="where to train: a TransformerLens hook name, module path or path:input (repeatable)")
     t.add_argument("--site-out", action="append",
@@ -359,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a TopK SAE on the embedded model and report metrics")
     d.add_argument("--steps", type=positive_int, default=200)
     d.add_argument("--threads", type=positive_int, default=2)
-    d.add_argument("--out", type=output_dir, help="also save the SAE here")
+    d.add_argument("--out", type=output_dir, default="sae-hooks-demo", help="where the SAE (OUT/sae) and its dashboard (OUT/dashboard) go")
+    d.add_argument("--no-dashboard", action="store_true", help="skip building the dashboard")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..metrics import hooks_splice_runner, reconstruction_metrics, splice_metrics
+from ..eval import hooks_splice_runner, reconstruction_metrics, splice_metrics
 from ..saes.registry import make_sae
 from ..train.buffer import ShuffleBuffer
 from ..train.sources import ActivationReader, LiveSource, pack_texts
@@ -33,8 +33,7 @@ class DemoConfig:
     lr: float = 4e-3
     seed: int = 0
     eval_batches: int = 4
-    n_latents_shown: int = 5
-    n_top_tokens: int = 6
+    dashboard_tokens: int = 2**16
 
 
 def pydoc_texts() -> tuple[list[str], list[str]]:
@@ -48,16 +47,28 @@ def pydoc_texts() -> tuple[list[str], list[str]]:
 
 def load_default_model() -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .default_model import default_model_path
 
     path = str(default_model_path())
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 1.35M-parameter model loads instantly; its bar is noise here
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _cycle(batches: list[torch.Tensor]):
+def _with_mask(batches: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Token batches with an explicit attention mask (Hugging Face models warn without one when BOS = PAD)."""
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches]
+
+
+def _cycle(batches: list[Any]):
     def factory():
         while True:
             yield from batches
@@ -65,14 +76,16 @@ def _cycle(batches: list[torch.Tensor]):
     return factory
 
 
-def run_demo(cfg: DemoConfig | None = None, progress: bool = True, out_dir: str | None = None, print_fn=print) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig | None = None, progress: bool = True, out_dir: str | None = "sae-hooks-demo",
+             print_fn=print, dashboard: bool = True) -> dict[str, Any]:
+    """Train, evaluate, save the SAE to ``out_dir/sae`` and its dashboard to ``out_dir/dashboard``."""
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
     model, tok = load_default_model()
     bos = tok.bos_token_id if tok.bos_token_id is not None else 0
     train_texts, eval_texts = pydoc_texts()
-    train_batches = pack_texts(tok, train_texts, cfg.seq_len, cfg.seq_batch, bos)
-    eval_batches = pack_texts(tok, eval_texts, cfg.seq_len, cfg.seq_batch, bos)[: cfg.eval_batches]
+    train_batches = _with_mask(pack_texts(tok, train_texts, cfg.seq_len, cfg.seq_batch, bos))
+    eval_batches = _with_mask(pack_texts(tok, eval_texts, cfg.seq_len, cfg.seq_batch, bos)[: cfg.eval_batches])
     d_model = model.config.n_embd
     source = LiveSource(model, [cfg.site], _cycle(train_batches), bos_token_id=bos)
     buffer = ShuffleBuffer(source, batch_tokens=cfg.batch_tokens, size_tokens=cfg.buffer_tokens, seed=cfg.seed)
@@ -85,51 +98,56 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, out_dir: str 
     final = trainer.entries[0].final_sae().eval()
 
     reader = ActivationReader(model, [cfg.site], bos_token_id=bos)
-    acts = [reader.read(b)[cfg.site] for b in eval_batches]
+    acts = [reader.read(b["input_ids"], b["attention_mask"])[cfg.site] for b in eval_batches]
     rec = reconstruction_metrics(final, acts)
     run = hooks_splice_runner(model, cfg.site, bos_token_id=bos)
     down = splice_metrics(run, final, eval_batches)
-    latents = _top_tokens(final, model, tok, reader, eval_batches, cfg)
-    total_s = time.perf_counter() - t0
-    result = {
-        **rec, **down, "train_tokens": trainer.tokens_seen, "train_seconds": train_s, "total_seconds": total_s,
-        "tokens_per_second": trainer.tokens_seen / max(train_s, 1e-9), "latents": latents,
+    result: dict[str, Any] = {
+        **rec, **down, "train_tokens": trainer.tokens_seen, "train_seconds": train_s,
+        "tokens_per_second": trainer.tokens_seen / max(train_s, 1e-9),
     }
     if out_dir:
-        trainer.save(out_dir)
+        from pathlib import Path
+
+        out = Path(out_dir)
+        final.save(out / "sae")
+        result["sae_path"] = str(out / "sae")
+        if dashboard:
+            from ..eval.dashboard import CollectorSettings, build_dashboard
+
+            # Every pydoc topic, held-out ones included: the dashboard is for looking, not for scoring.
+            build_dashboard(final, model, train_texts + eval_texts, out / "dashboard", tokenizer=tok, site=cfg.site,
+                            seq_len=cfg.seq_len, batch_size=cfg.seq_batch, max_tokens=cfg.dashboard_tokens,
+                            settings=CollectorSettings(), title="Demo: TopK SAE on the embedded model",
+                            progress=progress)
+            result["dashboard_path"] = str(out / "dashboard")
+    result["total_seconds"] = time.perf_counter() - t0
     print_fn(format_report(result, cfg))
     return result
 
 
-@torch.no_grad()
-def _top_tokens(sae, model, tok, reader, batches, cfg) -> list[dict[str, Any]]:  # noqa: ANN001
-    """For the most frequently firing latents on held-out text: the tokens that activate them most."""
-    ids_all, acts_all = [], []
-    for b in batches:
-        keep = b != reader.bos_token_id
-        ids_all.append(b[keep])
-        acts_all.append(sae.encode(reader.read(b)[cfg.site]))
-    ids, acts = torch.cat(ids_all), torch.cat(acts_all)
-    freq = (acts > 0).float().mean(0)
-    shown = []
-    for j in freq.argsort(descending=True)[: cfg.n_latents_shown * 3 : 3].tolist():
-        vals, rows = acts[:, j].topk(cfg.n_top_tokens)
-        toks = [tok.decode([int(ids[r])]) for r in rows.tolist()]
-        shown.append({"latent": j, "frequency": float(freq[j]), "top_tokens": toks, "top_values": vals.tolist()})
-    return shown
-
-
 def format_report(r: dict[str, Any], cfg: DemoConfig) -> str:
+    """The demo's summary: what was trained, the metrics with what each means, what was written, what next."""
     lines = [
-        f"TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) trained in place at {cfg.site!r} of the embedded model",
-        f"  trained on {r['train_tokens']:,} tokens in {r['train_seconds']:.1f}s ({r['tokens_per_second']:,.0f} tok/s); total {r['total_seconds']:.1f}s",
-        f"  held-out ({r['tokens']:,} tokens): FVU {r['fvu']:.4f}  explained variance {r['explained_variance']:.4f}  "
-        f"L0 {r['l0']:.2f}  dead {100 * r['dead_fraction']:.1f}%",
-        f"  CE loss: clean {r['ce_clean']:.4f}  with SAE {r['ce_sae']:.4f}  zero-ablated {r['ce_zero']:.4f}  "
-        f"-> CE loss recovered {r['ce_loss_recovered']:.4f};  KL(clean||SAE) {r['kl']:.4f} nats/token",
-        "  top tokens of frequent latents:",
+        "",
+        f"Trained a TopK SAE (d_sae={cfg.d_sae}, k={cfg.k}) in place at {cfg.site!r} of the embedded model",
+        f"  on {r['train_tokens']:,} tokens in {r['train_seconds']:.1f}s ({r['tokens_per_second']:,.0f} tokens/s); "
+        f"total {r['total_seconds']:.1f}s",
+        "",
+        f"Held-out metrics ({r['tokens']:,} tokens of pydoc topics the SAE never saw):",
+        f"  FVU                {r['fvu']:8.4f}   fraction of the activations' variance the SAE does not reconstruct (0 is perfect)",
+        f"  L0                 {r['l0']:8.2f}   latents active per token",
+        f"  dead latents       {100 * r['dead_fraction']:7.1f}%   latents that never fired on the held-out tokens",
+        f"  CE loss recovered  {r['ce_loss_score']:8.4f}   share of the loss gap between zero-ablating the site and the clean model "
+        "that splicing in the SAE closes (1 is perfect)",
+        f"  CE loss            {r['ce_sae']:8.4f}   next-token loss with the SAE spliced in (clean {r['ce_clean']:.4f}, "
+        f"zero-ablated {r['ce_zero']:.4f}; nats/token)",
+        f"  KL(clean || SAE)   {r['kl_clean_sae']:8.4f}   how far splicing moves the next-token distribution (nats/token)",
     ]
-    for lat in r["latents"]:
-        toks = ", ".join(repr(t) for t in lat["top_tokens"])
-        lines.append(f"    latent {lat['latent']:5d} (fires on {100 * lat['frequency']:.1f}% of tokens): {toks}")
+    if "sae_path" in r:
+        lines += ["", "Wrote:", f"  the SAE      {r['sae_path']}/   (sae_hooks.load({r['sae_path']!r}))"]
+        if "dashboard_path" in r:
+            lines.append(f"  a dashboard  {r['dashboard_path']}/index.html   (open it in a browser: every latent's top contexts)")
+        lines += ["", "Next:", f"  sae-hooks eval {r['sae_path']}",
+                  f"  sae-hooks dashboard {r['sae_path']} --max-tokens 1000000 --out my-dashboard"]
     return "\n".join(lines)

@@ -3,11 +3,11 @@
 from .detect import AmbiguousFormatError, UnknownFormatError, detect_format
 from .load import UnknownSourceError, list_sae_ids, load, load_many
 from .publish import push_to_hub
-from .releases import SAEIdNotFoundError, list_pretrained
+from .releases import SAEIdNotFoundError, UnsupportedReleaseError, list_pretrained
 
 __all__ = [
     "AmbiguousFormatError", "UnknownFormatError", "detect_format",
     "UnknownSourceError", "list_sae_ids", "load", "load_many",
     "push_to_hub",
-    "SAEIdNotFoundError", "list_pretrained",
+    "SAEIdNotFoundError", "UnsupportedReleaseError", "list_pretrained",
 ]

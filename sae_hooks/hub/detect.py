@@ -63,11 +63,25 @@ def detect_format(
     shown = sorted(files)[:30]
     if not found:
         rules = "; ".join(f"{f.name}: {f.rule}" for f in FORMATS)
-        raise UnknownFormatError(f"{where}: no known SAE format matches the files {shown}. Rules: {rules}")
+        hint = _hint(files, peek)
+        raise UnknownFormatError(f"{where}: no known SAE format matches the files {shown}."
+                                 + (f" {hint}" if hint else "") + f" Rules: {rules}")
     names = [f.name for f in found]
     raise AmbiguousFormatError(
         f"{where}: the files {shown} match several formats {names}; pass format= one of {names}"
     )
+
+
+def _hint(files: list[str], peek: Callable[[str], dict[str, Any] | None] | None) -> str:
+    """What a near miss probably is (so the error says more than the rules)."""
+    if "ae.pt" in files and "config.json" not in files:
+        return ("ae.pt without config.json looks like a dictionary_learning dictionary whose config.json is missing "
+                "(it names the dict_class); put it back beside ae.pt.")
+    cfg = peek("config.json") if peek is not None and "config.json" in files else None
+    if cfg and ("model_type" in cfg or "architectures" in cfg):
+        return (f"config.json describes a transformers model (model_type {cfg.get('model_type')!r}), not an SAE: "
+                "point at the SAE's folder.")
+    return ""
 
 
 def is_sae_folder(files: list[str]) -> bool:

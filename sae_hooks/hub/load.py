@@ -34,6 +34,8 @@ from .releases import SAEIdNotFoundError
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONFIG_NAMES = ("cfg.json", "config.json", "hyperparams.json")
 _CONVENTION_FORMATS = {"llama_scope", "lm_saes"}
+_FILE_FORMATS = {"openai", "circuit_tracer", "connor_rob_hook_z"}  # the sae_id names a file, not a folder
+_ct_file = re.compile(r"^layer_\d+\.safetensors$")
 
 
 class UnknownSourceError(SAEHooksError, FileNotFoundError):
@@ -176,7 +178,7 @@ def list_sae_ids(files: list[str]) -> list[str]:
     for d, names in by_dir.items():
         if any(c in names for c in _CONFIG_NAMES) or d.rsplit("/", 1)[-1] == "checkpoints":
             continue
-        ids += [f"{d}/{n}" if d else n for n in names if n.endswith(".pt")]
+        ids += [f"{d}/{n}" if d else n for n in names if (n.endswith(".pt") and n != "ae.pt") or _ct_file.match(n)]
     return sorted(set(ids), key=_natural)
 
 
@@ -215,13 +217,20 @@ def _source_for(repo_or_path: str | os.PathLike, revision, token, cache_dir, loc
 def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: LoadOptions) -> SAE:
     files = source.list()
     sid = (sae_id or "").strip("/")
-    if sid and sid in files:  # a file: OpenAI .pt (or any file naming its folder)
+    if sid and sid in files:  # a file: OpenAI .pt, circuit-tracer layer_N.safetensors (or any file naming its folder)
         folder, _, name = sid.rpartition("/")
-        rel = [name] if name.endswith(".pt") else _under(files, folder)
+        if name.endswith(".pt"):  # + its <name>_cfg.json when there is one
+            rel = [name] + [c for c in _under(files, folder) if c == name[: -len(".pt")] + "_cfg.json"]
+        elif _ct_file.match(name):  # the file and the folder's config.yaml
+            rel = [name] + [c for c in _under(files, folder) if c == "config.yaml"]
+        else:
+            rel = _under(files, folder)
         prefix = folder
     else:
         prefix = sid
         rel = _under(files, prefix)
+    if not files:
+        raise SAEIdNotFoundError(f"{source.where} holds no files at all{source.listing_note()}")
     if not rel:
         valid = list_sae_ids(files)
         close = close_matches(sid, valid, 5) or valid[:5]
@@ -256,7 +265,7 @@ def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: 
     folder = folder_root / prefix if prefix else folder_root
     opts.sae_id = opts.sae_id or sid or None
     opts.repo_id = opts.repo_id or source.repo_id
-    target = folder / needed[0] if fmt.name == "openai" else folder
+    target = folder / needed[0] if fmt.name in _FILE_FORMATS else folder
     try:
         return fmt.load(target, opts)
     except SAEHooksError:

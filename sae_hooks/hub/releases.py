@@ -125,6 +125,8 @@ class Release:
                 return m.group(1), None
             m = re.match(r"^resid_post_layer_(\d+)_trainer_\d+$", sae.id)
             return (f"blocks.{m.group(1)}.hook_resid_post", None) if m else (None, None)
+        if conv == "connor_rob_hook_z" and layer is not None:
+            return f"blocks.{layer}.attn.hook_z", None
         if conv is None and _TL_HOOK.match(sae.id):
             return sae.id, None
         return None, None

@@ -21,10 +21,11 @@ from .functions import (
 )
 from .manager import Attachment, Backend, Remover, SAEManager
 from .pair import PairAttachment, attach_pair, is_pair, pair_attached
+from .attribution import Attribution, attribute
 
 __all__ = [
     "RECORD_NAMES", "AblationMode", "ForwardContext", "LatentEdit", "NullRecorder", "PositionSpec", "Recorder",
     "SiteIntervention", "Steering", "position_mask",
     "Attachment", "Backend", "Remover", "SAEManager",
-    "PairAttachment", "attach_pair", "is_pair", "pair_attached",
+    "PairAttachment", "attach_pair", "is_pair", "pair_attached", "Attribution", "attribute",
 ]

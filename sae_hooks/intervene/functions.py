@@ -145,6 +145,8 @@ class SiteIntervention:
     skip_positions: PositionSpec = None
     skip_tokens: Sequence[int] | None = None
     edits: list[LatentEdit | Steering] = field(default_factory=list)
+    #: Extra recorder run after the adapter's (e.g. attribution); its result is what the forward uses.
+    probe: Recorder | None = None
 
     def __call__(
         self,
@@ -161,6 +163,8 @@ class SiteIntervention:
         """
         ctx = ctx or ForwardContext()
         record = record or NullRecorder()
+        if self.probe is not None:
+            record = _Chain(record, self.probe)
         sae = self.sae
         target = x if x_out is None else x_out
         hook_z = target.shape[-1] != sae.cfg.output_dim  # (..., n_heads, d_head) sites keep their shape
@@ -184,8 +188,15 @@ class SiteIntervention:
             edited = self._apply_latent_edits_dense(dense, ctx) if delta is not None else dense
             if skip is not None:
                 edited = edited * ~skip
-            dense_edited = record("hook_sae_acts_post", edited)
-            if dense_edited is not edited:  # a user hook changed the latents: decode its change
+            # Publish a copy: a user hook may edit it in place and return nothing (TransformerLens habit);
+            # ``edited`` itself stays intact, so the change is ``published - edited`` either way.
+            published = edited.clone()
+            dense_edited = record("hook_sae_acts_post", published)
+            in_graph = torch.is_grad_enabled() and dense_edited.requires_grad
+            if in_graph or dense_edited is not published or not torch.equal(dense_edited, edited):
+                # Decode the user's change. With autograd on, also when it is zero: the recorded latents
+                # then feed the output (exactly ``+ 0``), so their gradient, backward hooks on them and
+                # attribution work for every architecture, sparse TopK latents included.
                 change = sae.decode(dense_edited - edited, None) - sae.b_dec
                 change = _scale_only(sae, change, state)
                 delta = change if delta is None else delta + change
@@ -197,18 +208,20 @@ class SiteIntervention:
         error = None
         wants_error = record.wants("hook_sae_error")
         if wants_error or (self.splice and self.error_term):  # not computed when nobody needs it
-            error = target_flat.to(recon.dtype) - recon
+            # In the model's dtype: with no edits decode(f') == x_hat exactly, so x_hat + error == x to
+            # the model's own precision even for a bf16 SAE on an fp32 model.
+            error = target_flat - recon.to(target_flat.dtype)
             if self.detach_error:
                 error = error.detach()
             if wants_error:
-                record("hook_sae_error", error)
+                error = record("hook_sae_error", error)
 
         if not self.splice:
             if delta is None and steer is None and edited_recon is recon:
                 return None
             out = target_flat + (edited_recon - recon).to(target_flat.dtype)
         elif self.error_term:
-            out = (edited_recon + error).to(target_flat.dtype)
+            out = edited_recon.to(target_flat.dtype) + error
         else:
             out = edited_recon.to(target_flat.dtype)
         if steer is not None:
@@ -301,6 +314,21 @@ class SiteIntervention:
             add = vec if mask is None else mask * vec
             steer = add if steer is None else steer + add
         return steer
+
+
+class _Chain:
+    """Two recorders in a row: the adapter's, then a probe."""
+
+    def __init__(self, first: Recorder, second: Recorder):
+        self.first, self.second = first, second
+
+    def wants(self, name: str) -> bool:
+        return self.first.wants(name) or self.second.wants(name)
+
+    def __call__(self, name: str, value: Tensor) -> Tensor:
+        if self.first.wants(name):
+            value = self.first(name, value)
+        return self.second(name, value) if self.second.wants(name) else value
 
 
 def _gather_latents(latents: Tensor | SparseLatents, idx: Tensor) -> Tensor:

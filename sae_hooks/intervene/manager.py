@@ -50,6 +50,12 @@ class Backend(Protocol):
     def recorder(self, prefix: str) -> tuple[Recorder, Remover]:
         """A recorder publishing tensors as ``f"{prefix}.{record_name}"``, and how to unpublish them."""
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model (what ``run_with_saes`` calls)."""
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """Run the model and return ``(output, cache)`` with the attached SAEs' tensors in the cache."""
+
 
 class Attachment:
     """An SAE attached at one or more sites. Returned by ``model.add_sae``; edit it, then ``remove()`` it.
@@ -84,7 +90,12 @@ class Attachment:
 
     # Edits ---------------------------------------------------------------------------------------
 
+    def _check_active(self) -> None:
+        if not self.active:
+            raise SAEHooksError(f"{self!r} was removed; edits on it would do nothing. Attach the SAE again")
+
     def _latent_index(self, latents: int | Sequence[int] | Tensor) -> Tensor:
+        self._check_active()
         idx = torch.as_tensor([latents] if isinstance(latents, int) else latents, dtype=torch.long).flatten()
         bad = idx[(idx < 0) | (idx >= self.sae.cfg.d_sae)]
         if len(bad):
@@ -134,6 +145,7 @@ class Attachment:
         positions: PositionSpec = None,
     ) -> Attachment:
         """Add ``alpha * W_dec[latent] / ||W_dec[latent]||`` (or ``alpha * vector``) at ``positions``."""
+        self._check_active()
         if (latent is None) == (vector is None):
             raise ValueError("steer needs exactly one of latent=<index> or vector=<(d_out,) tensor>")
         if latent is not None:
@@ -175,8 +187,9 @@ class Attachment:
 class SAEManager:
     """Bookkeeping for the SAEs attached to one model, driven by an adapter's :class:`Backend`."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, convert: Callable[[Any], SAE | None] | None = None):
         self.backend = backend
+        self.convert = convert  # another library's in-memory SAE -> ours (given by the adapter), or None
         self.attachments: list[Attachment] = []
         # Per-forward state (tokens, positions, generation counters) is per thread: one attached model run
         # from several threads must not read another call's tokens or positions (silently wrong outputs).
@@ -252,9 +265,21 @@ class SAEManager:
             return add_pair(self, sae, **common, **pair_options)
         if pair_options:
             raise TypeError(f"add_sae() got unexpected keyword argument(s) {sorted(pair_options)}")
+        parent = None
+        if not isinstance(sae, SAE) and self.convert is not None:
+            converted = self.convert(sae)
+            if converted is not None:  # e.g. a SAELens SAE object: attach our copy, keyed by the original
+                sae, parent = converted, sae
         if not isinstance(sae, SAE):
-            raise TypeError(f"add_sae expects an sae_hooks SAE, got {type(sae).__name__}")
-        return self._add(sae, site, site_out=site_out, name=name, **common)
+            raise TypeError(f"add_sae expects an sae_hooks SAE (or a SAELens SAE object), got {type(sae).__name__}")
+        return self._add(sae, site, site_out=site_out, name=name, parent=parent, **common)
+
+    def _check_device(self, sae: SAE) -> None:
+        device = getattr(self.backend, "device", lambda: None)()
+        if device is not None and sae.device != device:
+            raise SAEHooksError(
+                f"the SAE is on {sae.device} but the model is on {device}; move it first: sae.to({str(device)!r})"
+            )
 
     def _add(
         self,
@@ -271,6 +296,7 @@ class SAEManager:
         name: str | None,
         parent: Any = None,
     ) -> Attachment:
+        self._check_device(sae)
         sites_in = self._default_sites(sae, site)
         out_name = site_out if site_out is not None else (sae.cfg.sites[0].hook_out if site is None and sae.cfg.sites else None)
         resolved_out = self.backend.resolve(out_name) if out_name else None
@@ -354,18 +380,54 @@ class SAEManager:
         ``model.saes(saes=[sae_a, sae_b], use_error_term=True)`` works too. Other keywords are those of
         :meth:`add_sae` (unknown ones raise ``TypeError``). ``reset_saes_end=False`` leaves them attached.
         """
-        listed = kwargs.pop("saes", None)
+        todo = self._sae_list(positional, kwargs.pop("saes", None))
+        self._check_keywords(kwargs)
+        if not todo:
+            raise TypeError("saes() needs at least one SAE (positional or saes=[...])")
+        with self._temporarily(todo, reset_saes_end, kwargs) as attached:
+            yield attached
+
+    def run_with_saes(
+        self, *model_args: Any, saes: Any = (), reset_saes_end: bool = True, use_error_term: bool | None = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        """SAELens's ``run_with_saes``: run the model with ``saes`` attached (spliced; with the error term
+        when ``use_error_term=True``), then detach them (unless ``reset_saes_end=False``). SAEs already
+        attached stay and apply too."""
+        todo = self._sae_list((), saes)
+        with self._temporarily(todo, reset_saes_end, {"use_error_term": use_error_term}):
+            return self.backend.forward(*model_args, **model_kwargs)
+
+    def run_with_cache_with_saes(
+        self, *model_args: Any, saes: Any = (), reset_saes_end: bool = True, use_error_term: bool | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """SAELens's ``run_with_cache_with_saes``: ``(output, cache)`` with ``saes`` attached for the call;
+        the cache holds the SAEs' tensors (``"{site}.hook_sae_acts_post"``, ...)."""
+        todo = self._sae_list((), saes)
+        with self._temporarily(todo, reset_saes_end, {"use_error_term": use_error_term}):
+            return self.backend.run_with_cache(*model_args, **model_kwargs)
+
+    @staticmethod
+    def _sae_list(positional: Sequence[Any], listed: Any) -> list[Any]:
+        todo = list(positional)
+        if listed is not None:
+            todo += list(listed) if isinstance(listed, (list, tuple)) else [listed]
+        return todo
+
+    @staticmethod
+    def _check_keywords(kwargs: dict[str, Any]) -> None:
         unknown = sorted(set(kwargs) - _ADD_SAE_KEYWORDS)
         if unknown:
             raise TypeError(
-                f"saes() got unexpected keyword argument(s) {unknown}; it takes saes= and reset_saes_end= "
+                f"got unexpected keyword argument(s) {unknown}; saes() takes saes= and reset_saes_end= "
                 f"plus add_sae's keywords {sorted(_ADD_SAE_KEYWORDS)}"
             )
-        todo = list(positional)
-        if listed is not None:
-            todo += [listed] if isinstance(listed, SAE) or is_pair(listed) else list(listed)
-        if not todo:
-            raise TypeError("saes() needs at least one SAE (positional or saes=[...])")
+
+    @contextlib.contextmanager
+    def _temporarily(self, todo: list[Any], reset_saes_end: bool, kwargs: dict[str, Any]) -> Iterator[list[Attachment]]:
+        self._check_keywords(kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if not (k == "use_error_term" and v is None)}
         attached: list[Attachment] = []
         try:
             for sae in todo:
@@ -498,9 +560,10 @@ class SAEManager:
             return [key] if key in self.attachments else []
         if isinstance(key, PairAttachment):
             return [a for a in (key.att_in, key.att_out) if a in self.attachments]
-        if isinstance(key, SAE) or is_pair(key):
-            return [a for a in self.attachments if a.sae is key or a.parent is key]
         if not isinstance(key, str):
+            found = [a for a in self.attachments if a.sae is key or a.parent is key]
+            if found or isinstance(key, SAE) or is_pair(key):
+                return found
             raise TypeError(f"remove_sae takes an SAE, an attachment or a site name, got {type(key).__name__}")
         named = [a for a in self.attachments if a.name == key]
         if named:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -222,16 +222,12 @@ class SAE(nn.Module):
 
     def save(self, path) -> None:  # noqa: ANN001 - str | PathLike
         """Save in the native format (``cfg.json`` + ``sae.safetensors``), atomically."""
-        from ..native import save
-
-        save(self, path)
+        _native_io("save")(self, path)
 
     @classmethod
     def load(cls, path, device: str | torch.device | None = None, dtype=None) -> SAE:  # noqa: ANN001
         """Load an SAE saved with :meth:`save`."""
-        from ..native import load
-
-        return load(path, device=device, dtype=dtype)
+        return _native_io("load")(path, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         cfg = self.cfg
@@ -243,6 +239,19 @@ class SAE(nn.Module):
         if cfg.hook_name:
             parts.append(f"hook={cfg.hook_name!r}")
         return ", ".join(parts)
+
+
+#: The native format's ``save`` / ``load``, registered by :mod:`sae_hooks.native` when it is imported
+#: (``import sae_hooks`` does): the SAE layer sits below the format layer and does not import it.
+NATIVE_IO: dict[str, Any] = {}
+
+
+def _native_io(what: str) -> Any:
+    if what not in NATIVE_IO:
+        import importlib
+
+        importlib.import_module("sae_hooks.native")  # registers itself (importing sae_hooks alone does too)
+    return NATIVE_IO[what]
 
 
 def sparse_decode(latents: SparseLatents, W_dec: Tensor) -> Tensor:

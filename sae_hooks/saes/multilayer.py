@@ -13,7 +13,7 @@ One TopK SAE whose examples are the residual stream after *every* block
 
 Special tokens: MLSAE sets the residuals of special tokens (BOS/EOS/PAD) to **zero at every layer**
 before the SAE, for training and evaluation data -- see :func:`zero_special_tokens`, used by
-:mod:`sae_hooks.train.mlsae` and :mod:`sae_hooks.multilayer_metrics`. When a user attaches an MLSAE to a
+:mod:`sae_hooks.train.mlsae` and :mod:`sae_hooks.eval.multilayer`. When a user attaches an MLSAE to a
 model, ``skip_tokens=[...]`` instead *bypasses* those positions (the SAE leaves them untouched and
 records zero latents), which is the SAELens-style behaviour of every other SAE here.
 

@@ -8,11 +8,22 @@ A *module site* is a module path plus which side of the module the tensor is on:
     to_hook_name("model.layers.3.post_attention_layernorm:input", "llama") -> "blocks.3.hook_resid_mid"
 
 ``"output"`` is what the module returns (the hidden-state element when it returns a tuple);
-``"input"`` is its first positional argument (or ``hidden_states=``). In the string form used by the
-torch and nnsight adapters a module site is written ``"path"`` (output) or ``"path:input"``.
+``"input"`` is its first positional argument (or ``hidden_states=``); ``"normalized"`` (norm modules
+only) is the norm's pre-affine value ``(x - mean) / sqrt(var + eps)`` (RMSNorm: ``x / rms``), which is
+what TransformerLens (3 and 4) calls ``lnN.hook_normalized``. In the string form used by the torch and
+nnsight adapters a module site is written ``"path"`` (output), ``"path:input"`` or ``"path:normalized"``.
 
-Families and what is exact (every row below is checked against a TransformerLens 4 ``TransformerBridge``
-built on the same module in ``tests/test_hooknames.py``, except where marked):
+Every family translates, per block: ``hook_resid_pre/mid/post``, ``hook_attn_out``, ``hook_mlp_out``,
+``attn.hook_z``, ``mlp.hook_pre`` / ``mlp.hook_post`` (gated MLPs: ``hook_pre`` = gate projection output,
+``hook_pre_linear`` = up projection output), and TransformerLens 4's names: ``hook_in`` / ``hook_out``
+(the block), ``attn.hook_in/out``, ``mlp.hook_in/out``, and for each norm ``lnN.hook_in`` (input),
+``lnN.hook_out`` (output, after scale and shift) and ``lnN.hook_normalized`` (pre-affine); Gemma's extra
+norms are ``ln1_post`` / ``ln2_post``; ``ln_final.*`` for the final norm. When several names denote one
+tensor (``hook_resid_pre`` / ``hook_in``) the first is canonical.
+
+Families and what is exact (every name, read *and* written, is checked against a TransformerLens 4
+``TransformerBridge`` built on the same module with random norm weights and biases in
+``tests/sites/test_hooknames.py`` and ``tests/adapters/test_hookname_conformance.py``, except where marked):
 
 ========================= ============================ ===============================================
 family (``model_type``)   layer path                   notes
@@ -20,15 +31,21 @@ family (``model_type``)   layer path                   notes
 ``gpt2``                  ``transformer.h.N``          all rows exact; ``hook_resid_mid`` = input of
                                                        ``ln_2``; ``hook_pos_embed`` = ``wpe`` output.
 ``gpt_neox`` (Pythia)     ``gpt_neox.layers.N``        parallel residual (Pythia's default) has no
-                                                       ``hook_resid_mid``: it is not translated.
+                                                       ``hook_resid_mid``: it is not translated; with
+                                                       ``use_parallel_residual=False`` it is the input of
+                                                       ``post_attention_layernorm`` (:func:`for_config`).
 ``llama`` (Llama, Mistral, ``model.layers.N``           ``hook_resid_mid`` = input of
-Qwen2, Qwen3)                                          ``post_attention_layernorm``.
+Qwen2, Qwen3)                                          ``post_attention_layernorm``. Writing there changes
+                                                       the norm's (so the MLP's) input only, not the
+                                                       residual stream: Hugging Face keeps its own
+                                                       reference to the residual (the bridge behaves the
+                                                       same).
 ``gemma`` (Gemma 2, 3)    ``model.layers.N``           ``hook_attn_out`` is *after* the post-attention
                                                        norm (``post_attention_layernorm`` output) and
                                                        ``hook_mlp_out`` after ``post_feedforward_layernorm``
                                                        (what is added to the residual stream);
-                                                       ``ln2.hook_normalized`` = ``pre_feedforward_layernorm``
-                                                       output; ``hook_resid_mid`` = its input.
+                                                       ``ln2`` = ``pre_feedforward_layernorm``;
+                                                       ``hook_resid_mid`` = its input.
                                                        ``hook_embed`` = the scaled embedding.
 ``bert``                  ``bert.encoder.layer.N``     as TransformerLens 4's bridge defines them (post-LN):
                                                        ``hook_embed`` = the normalised embedding sum
@@ -57,31 +74,50 @@ from dataclasses import dataclass, field, replace
 from ..config import Site
 from ..errors import HookNotFoundError, did_you_mean
 
-Side = str  # "output" | "input"
+Side = str  # "output" | "input" | "normalized"
+
+
+def _norm(tl: str, path: str) -> dict[str, tuple[str, Side]]:
+    """TransformerLens 4 names of one norm module: its input, output, and the pre-affine normalised value
+    (``(x - mean) / sqrt(var + eps)``, or ``x / rms`` for RMSNorm: what TransformerLens calls
+    ``hook_normalized``; read inside the norm, written back through its scale and shift)."""
+    return {f"{tl}.hook_in": (path, "input"), f"{tl}.hook_out": (path, "output"),
+            f"{tl}.hook_normalized": (path, "normalized")}
+
+
+def _tl4(attn: str, mlp: str) -> dict[str, tuple[str, Side]]:
+    """TransformerLens 4 ``hook_in`` / ``hook_out`` names of a block and its attention and MLP modules."""
+    return {"hook_in": ("", "input"), "hook_out": ("", "output"),
+            "attn.hook_in": (attn, "input"), "attn.hook_out": (attn, "output"),
+            "mlp.hook_in": (mlp, "input"), "mlp.hook_out": (mlp, "output")}
+
 
 # TL suffix (after "blocks.N.") -> (module path relative to the layer, side). "" is the layer itself.
+# When several names share one module site, the first listed is its canonical name.
 _GPT2_LAYER = {
     "hook_resid_pre": ("", "input"),
     "hook_resid_mid": ("ln_2", "input"),
     "hook_resid_post": ("", "output"),
     "hook_attn_out": ("attn", "output"),
     "hook_mlp_out": ("mlp", "output"),
-    "ln1.hook_normalized": ("ln_1", "output"),
-    "ln2.hook_normalized": ("ln_2", "output"),
+    **_norm("ln1", "ln_1"),
+    **_norm("ln2", "ln_2"),
     "mlp.hook_pre": ("mlp.c_fc", "output"),
     "mlp.hook_post": ("mlp.c_proj", "input"),
     "attn.hook_z": ("attn.c_proj", "input"),
+    **_tl4("attn", "mlp"),
 }
 _NEOX_LAYER = {
     "hook_resid_pre": ("", "input"),
     "hook_resid_post": ("", "output"),
     "hook_attn_out": ("attention", "output"),
     "hook_mlp_out": ("mlp", "output"),
-    "ln1.hook_normalized": ("input_layernorm", "output"),
-    "ln2.hook_normalized": ("post_attention_layernorm", "output"),
+    **_norm("ln1", "input_layernorm"),
+    **_norm("ln2", "post_attention_layernorm"),
     "mlp.hook_pre": ("mlp.dense_h_to_4h", "output"),
     "mlp.hook_post": ("mlp.dense_4h_to_h", "input"),
     "attn.hook_z": ("attention.dense", "input"),
+    **_tl4("attention", "mlp"),
 }
 _LLAMA_LAYER = {
     "hook_resid_pre": ("", "input"),
@@ -89,10 +125,13 @@ _LLAMA_LAYER = {
     "hook_resid_post": ("", "output"),
     "hook_attn_out": ("self_attn", "output"),
     "hook_mlp_out": ("mlp", "output"),
-    "ln1.hook_normalized": ("input_layernorm", "output"),
-    "ln2.hook_normalized": ("post_attention_layernorm", "output"),
+    **_norm("ln1", "input_layernorm"),
+    **_norm("ln2", "post_attention_layernorm"),
+    "mlp.hook_pre": ("mlp.gate_proj", "output"),
+    "mlp.hook_pre_linear": ("mlp.up_proj", "output"),
     "mlp.hook_post": ("mlp.down_proj", "input"),
     "attn.hook_z": ("self_attn.o_proj", "input"),
+    **_tl4("self_attn", "mlp"),
 }
 _GEMMA_LAYER = {
     "hook_resid_pre": ("", "input"),
@@ -100,10 +139,15 @@ _GEMMA_LAYER = {
     "hook_resid_post": ("", "output"),
     "hook_attn_out": ("post_attention_layernorm", "output"),
     "hook_mlp_out": ("post_feedforward_layernorm", "output"),
-    "ln1.hook_normalized": ("input_layernorm", "output"),
-    "ln2.hook_normalized": ("pre_feedforward_layernorm", "output"),
+    **_norm("ln1", "input_layernorm"),
+    **_norm("ln1_post", "post_attention_layernorm"),
+    **_norm("ln2", "pre_feedforward_layernorm"),
+    **_norm("ln2_post", "post_feedforward_layernorm"),
+    "mlp.hook_pre": ("mlp.gate_proj", "output"),
+    "mlp.hook_pre_linear": ("mlp.up_proj", "output"),
     "mlp.hook_post": ("mlp.down_proj", "input"),
     "attn.hook_z": ("self_attn.o_proj", "input"),
+    **_tl4("self_attn", "mlp"),
 }
 _BERT_LAYER = {
     "hook_resid_pre": ("", "input"),
@@ -111,8 +155,8 @@ _BERT_LAYER = {
     "hook_resid_post": ("", "output"),
     "hook_attn_out": ("attention", "output"),
     "hook_mlp_out": ("output.dense", "output"),
-    "ln1.hook_normalized": ("attention.output.LayerNorm", "output"),
-    "ln2.hook_normalized": ("output.LayerNorm", "output"),
+    **_norm("ln1", "attention.output.LayerNorm"),
+    **_norm("ln2", "output.LayerNorm"),
     "mlp.hook_pre": ("intermediate.dense", "output"),
     "mlp.hook_post": ("output.dense", "input"),
     "attn.hook_z": ("attention.output.dense", "input"),
@@ -156,7 +200,7 @@ FAMILIES: dict[str, Family] = {
         {
             "hook_embed": ("transformer.wte", "output"),
             "hook_pos_embed": ("transformer.wpe", "output"),
-            "ln_final.hook_normalized": ("transformer.ln_f", "output"),
+            **_norm("ln_final", "transformer.ln_f"),
         },
         marker="ln_2",
     ),
@@ -164,7 +208,7 @@ FAMILIES: dict[str, Family] = {
         "gpt_neox", "gpt_neox.layers", _NEOX_LAYER,
         {
             "hook_embed": ("gpt_neox.embed_in", "output"),
-            "ln_final.hook_normalized": ("gpt_neox.final_layer_norm", "output"),
+            **_norm("ln_final", "gpt_neox.final_layer_norm"),
         },
         marker="attention",
     ),
@@ -172,7 +216,7 @@ FAMILIES: dict[str, Family] = {
         "llama", "model.layers", _LLAMA_LAYER,
         {
             "hook_embed": ("model.embed_tokens", "output"),
-            "ln_final.hook_normalized": ("model.norm", "output"),
+            **_norm("ln_final", "model.norm"),
         },
         marker="self_attn",
     ),
@@ -180,7 +224,7 @@ FAMILIES: dict[str, Family] = {
         "gemma", "model.layers", _GEMMA_LAYER,
         {
             "hook_embed": ("model.embed_tokens", "output"),
-            "ln_final.hook_normalized": ("model.norm", "output"),
+            **_norm("ln_final", "model.norm"),
         },
         marker="pre_feedforward_layernorm",
     ),
@@ -222,13 +266,20 @@ def family(name: str | Family) -> Family:
     return FAMILIES[key]
 
 
+SIDES = ("output", "input", "normalized")
+
+
 def split_site(site: str) -> tuple[str, Side]:
-    """``"a.b:input"`` -> ``("a.b", "input")``; ``"a.b"`` or ``"a.b:output"`` -> ``("a.b", "output")``."""
+    """``"a.b:input"`` -> ``("a.b", "input")``; ``"a.b"`` or ``"a.b:output"`` -> ``("a.b", "output")``;
+    ``"ln:normalized"`` -> ``("ln", "normalized")`` (a norm's pre-affine value, TransformerLens's
+    ``hook_normalized``)."""
     path, sep, side = site.partition(":")
     if not sep:
         return site, "output"
-    if side not in ("input", "output"):
-        raise HookNotFoundError(f"bad module site {site!r}: the suffix must be ':input' or ':output'")
+    if side not in SIDES:
+        raise HookNotFoundError(
+            f"bad module site {site!r}: the suffix must be ':input', ':output' or ':normalized' (norm modules)"
+        )
     return path, side
 
 
@@ -284,6 +335,15 @@ def hook_names(fam: str | Family, n_layers: int) -> list[str]:
     """Every TransformerLens name that translates in ``fam`` for a model with ``n_layers`` layers."""
     fam = family(fam)
     return list(fam.globals) + [f"blocks.{i}.{s}" for i in range(n_layers) for s in fam.layer]
+
+
+def for_config(fam: Family, config: object) -> Family:
+    """``fam`` adjusted to a model's config: a GPT-NeoX with ``use_parallel_residual=False`` (sequential
+    residual) has ``hook_resid_mid`` at the input of ``post_attention_layernorm``."""
+    if fam.name == "gpt_neox" and getattr(config, "use_parallel_residual", True) is False:
+        layer = {"hook_resid_mid": ("post_attention_layernorm", "input"), **fam.layer}  # canonical over ln2.hook_in
+        return replace(fam, name="gpt_neox_sequential", layer=layer)
+    return fam
 
 
 def detect_family(module_names: Iterable[str], model_type: str | None = None) -> Family | None:

@@ -6,7 +6,10 @@ A *site* is a place in a model where an activation can be read or replaced. It m
   with a ``hook_dict``) it is that ``HookPoint``; on a plain ``nn.Module`` (a Hugging Face model) it is
   translated to a module path with :mod:`sae_hooks.sites.names` for the model's family;
 * a module path: ``"transformer.h.3"`` is that module's *output* (its hidden-state element);
-* ``"transformer.h.3:input"``: the module's *input* (first positional argument, else ``hidden_states=``).
+* ``"transformer.h.3:input"``: the module's *input* (first positional argument, else ``hidden_states=``);
+* ``"transformer.h.3.ln_2:normalized"``: a norm module's pre-affine normalised value (TransformerLens's
+  ``hook_normalized``: read inside the norm, recomputed from its input; a replacement goes through the
+  norm's scale and shift).
 
 Every spelling of one tensor resolves to one *canonical* name: its TransformerLens name when it has one,
 else ``path`` / ``path:input``. Misspelled sites raise :class:`~sae_hooks.errors.HookNotFoundError`
@@ -24,6 +27,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import HookNotFoundError, did_you_mean
@@ -75,6 +79,70 @@ def hook_module_input(module: nn.Module, fn: SiteFn, path: str = "") -> Remover:
     return module.register_forward_pre_hook(input_hook, with_kwargs=True).remove
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "Norm" in type(module).__name__
+
+
+def _is_rms(module: nn.Module) -> bool:
+    return isinstance(module, nn.RMSNorm) or "RMSNorm" in type(module).__name__
+
+
+def _norm_width(module: nn.Module) -> int | None:
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, Tensor) else None
+
+
+def _norm_eps(module: nn.Module) -> float:
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        eps = getattr(module, attr, None)
+        if isinstance(eps, (int, float)):
+            return float(eps)
+    return 1e-5
+
+
+def normalized_of(module: nn.Module, x: Tensor) -> Tensor:
+    """The pre-affine normalised input of a norm module, in float32 (as TransformerLens computes
+    ``hook_normalized``): ``(x - mean) / sqrt(var + eps)`` for LayerNorm, ``x / sqrt(mean(x²) + eps)``
+    for RMSNorm. ``x``: ``(..., d)``."""
+    xf = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    if not _is_rms(module):
+        xf = xf - xf.mean(-1, keepdim=True)
+    return xf / (xf.pow(2).mean(-1, keepdim=True) + _norm_eps(module)).sqrt()
+
+
+def norm_affine(module: nn.Module, normalized: Tensor, dtype: torch.dtype) -> Tensor:
+    """Apply a norm module's scale (``1 + weight`` for Gemma's RMSNorm) and shift to a normalised
+    tensor, in float32, then cast to ``dtype``: the norm's output for that normalised value."""
+    weight = getattr(module, "weight", None)
+    out = normalized
+    if isinstance(weight, Tensor):
+        offset = _is_rms(module) and type(module).__name__.startswith("Gemma")
+        out = out * ((1.0 + weight.float()) if offset else weight.float())
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor) and not _is_rms(module):
+        out = out + bias.float()
+    return out.to(dtype)
+
+
+def hook_norm_normalized(module: nn.Module, fn: SiteFn, path: str = "") -> Remover:
+    """Run ``fn`` on a norm module's pre-affine normalised value (recomputed from its input, float32);
+    a non-``None`` result replaces it: the norm's output becomes that value times its scale plus its shift."""
+    if not _is_norm(module):
+        raise HookNotFoundError(f"{path!r} is a {type(module).__name__}, not a norm: it has no ':normalized' side")
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+        if not isinstance(x, Tensor):
+            raise HookNotFoundError(f"norm {path!r} got no tensor input")
+        new = fn(normalized_of(mod, x))
+        if new is None:
+            return None
+        hidden = hidden_of(output)
+        return with_hidden(output, norm_affine(mod, new, hidden.dtype if hidden is not None else x.dtype))
+
+    return module.register_forward_hook(hook, with_kwargs=True).remove
+
+
 class ModuleSites:
     """Sites of a plain ``nn.Module``: module paths, ``path:input``, and TransformerLens names.
 
@@ -102,7 +170,14 @@ class ModuleSites:
             self.family = hooknames.detect_family(self.modules, hook_names) or hooknames.family(hook_names)
         elif hook_names is not None:
             raise TypeError(f"hook_names must be 'auto', a family name, a dict or None, got {hook_names!r}")
+        if self.family is not None:
+            self.family = hooknames.for_config(self.family, getattr(module, "config", None))
         self._reverse = {v: k for k, v in reversed(list(self.explicit.items()))}
+
+    def device(self) -> torch.device | None:
+        """Where the model's parameters live (``None`` when it has none)."""
+        param = next(self.module.parameters(), None)
+        return param.device if param is not None else None
 
     def _check_site(self, site: str) -> str:
         path, side = hooknames.split_site(site)
@@ -146,12 +221,16 @@ class ModuleSites:
         """Canonical site name: the TransformerLens name when there is one, else ``path[:input]``."""
         if not isinstance(name, str):
             raise TypeError(f"sites are strings (module paths or hook names), got {type(name).__name__}")
-        if self._tl_to_site(name) is not None:
-            return name
+        site = self._tl_to_site(name)
+        if site is not None:  # aliases (TL4 "blocks.3.hook_in") resolve to the first name of that tensor
+            return self._site_to_tl(site) or name
         path, _, side = name.partition(":")
         if path not in self.modules:  # the tree may have changed since we listed it
             self.modules = dict(self.module.named_modules())
-        if path in self.modules and side in ("", "input", "output"):
+        if side == "normalized" and path in self.modules and not _is_norm(self.modules[path]):
+            raise HookNotFoundError(f"{name!r}: only norm modules have a ':normalized' side; "
+                                    f"{path!r} is a {type(self.modules[path]).__name__}")
+        if path in self.modules and side in ("", *hooknames.SIDES):
             site = hooknames.join_site(path, side or "output")
             return self._site_to_tl(site) or site
         hint = "" if self.family or self.explicit else (
@@ -164,13 +243,15 @@ class ModuleSites:
 
     def module_site(self, site: str) -> tuple[nn.Module, str, str]:
         """``(module, path, side)`` of a site (any spelling)."""
-        spec = self._tl_to_site(site) or self._tl_to_site(self.resolve(site)) or self.resolve(site)
-        path, side = hooknames.split_site(spec)
+        canonical = self.resolve(site)
+        path, side = hooknames.split_site(self._tl_to_site(canonical) or canonical)
         return self.modules[path], path, side
 
     def site_width(self, site: str) -> int | None:
         """The feature width at ``site`` when known without running the model, else ``None``."""
         module, _, side = self.module_site(site)
+        if side == "normalized":
+            return _norm_width(module)
         if isinstance(module, nn.Linear):
             return module.out_features if side == "output" else module.in_features
         weight = getattr(module, "weight", None)
@@ -195,6 +276,8 @@ class ModuleSites:
         module, path, side = self.module_site(site)
         if side == "output":
             return hook_module_output(module, fn, path)
+        if side == "normalized":
+            return hook_norm_normalized(module, fn, path)
         return hook_module_input(module, fn, path)
 
 
@@ -217,6 +300,11 @@ class HookDictSites:
         self.is_bridge = hasattr(model, "_hook_registry")
         inner = getattr(model, "original_model", None) if self.is_bridge else model
         self.modules = ModuleSites(inner, "auto" if self.is_bridge else None) if isinstance(inner, nn.Module) else None
+
+    def device(self) -> torch.device | None:
+        params = getattr(self.model, "parameters", None)
+        param = next(params(), None) if callable(params) else None
+        return param.device if param is not None else None
 
     def hook_point(self, name: str) -> Any:
         hp = self.model.hook_dict[name]

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -360,6 +359,12 @@ class DistributedTrainer(Trainer):
 
     def save_checkpoint(self, path: str | os.PathLike, buffer: Any = None) -> Path:
         """Rank 0 writes one checkpoint of every entry plus each rank's buffer and RNG (collective)."""
+        if self.mode == "ddp" and any(e.pending for e in self.local):
+            # each rank holds its own first batches for the statistics; a checkpoint keeps rank 0's only
+            raise ConfigError(
+                f"cannot checkpoint a data-parallel run at step {self.step_count}, before its first "
+                f"{max(e.settings.init_batches for e in self.local)} batches (init_batches) are in: checkpoint later"
+            )
         self.gather()
         parts: list[Any] = [None] * self.world_size if self.is_main else None  # type: ignore[assignment]
         dist.gather_object(_rank_state(buffer), parts, dst=self._global_rank(0), group=self.group)

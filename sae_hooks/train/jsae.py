@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HookNotFoundError
 from ..saes.jacobian import JacobianSAEPair
 from .sources import ActivationReader
 from .trainer import Trainer, TrainEntry, TrainSettings
@@ -25,19 +25,34 @@ from .trainer import Trainer, TrainEntry, TrainSettings
 
 def check_mlp_input(model: Any, pair: JacobianSAEPair, tokens: Tensor, hooks: Any = None, rtol: float = 1e-3) -> float:
     """Check that ``pair.mlp(activation at hook_in) == activation at hook_out``; return the relative
-    error, raise :class:`ConfigError` naming the hooks when it is off (e.g. a bridge's pre-affine
-    ``ln2.hook_normalized``)."""
-    reader = ActivationReader(model, [pair.cfg.hook_in, pair.cfg.hook_out], hooks=hooks, bos_token_id=None)
-    got = reader.read(tokens)
-    with torch.no_grad():
-        y = pair.mlp(got[pair.cfg.hook_in])
-    ref = got[pair.cfg.hook_out]
-    err = ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    error, raise :class:`ConfigError` naming the sites that do match when it is off. Sites are any spelling
+    the site layer takes (TL names work on Hugging Face models too). The usual mistakes:
+    ``lnN.hook_normalized`` is *before* the norm's scale and shift (use ``blocks.L.ln2.hook_out``), and
+    Gemma's ``hook_mlp_out`` is *after* its post-MLP norm (use ``blocks.L.mlp.hook_out``)."""
+    layer = pair.cfg.layer
+    alt_in, alt_out = f"blocks.{layer}.ln2.hook_out", f"blocks.{layer}.mlp.hook_out"
+    sites = list(dict.fromkeys([pair.cfg.hook_in, pair.cfg.hook_out, alt_in, alt_out]))
+    try:
+        got = ActivationReader(model, sites, hooks=hooks, bos_token_id=None, stop_early=False).read(tokens)
+    except HookNotFoundError:  # the alternatives do not exist on this model: check the pair's own sites
+        got = ActivationReader(model, [pair.cfg.hook_in, pair.cfg.hook_out], hooks=hooks, bos_token_id=None).read(tokens)
+
+    def rel(site_in: str, site_out: str) -> float:
+        with torch.no_grad():
+            y = pair.mlp(got[site_in])
+        ref = got[site_out]
+        return ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+    err = rel(pair.cfg.hook_in, pair.cfg.hook_out)
     if err > rtol:
+        fits = [(i, o) for i in dict.fromkeys([pair.cfg.hook_in, alt_in]) for o in dict.fromkeys([pair.cfg.hook_out, alt_out])
+                if i in got and o in got and rel(i, o) <= rtol]
+        hint = (f" The frozen MLP maps {fits[0][0]!r} to {fits[0][1]!r}: make the pair with "
+                f"hook_in={fits[0][0]!r}, hook_out={fits[0][1]!r}.") if fits else ""
         raise ConfigError(
             f"the pair's frozen MLP applied to {pair.cfg.hook_in!r} does not give {pair.cfg.hook_out!r} "
-            f"(relative error {err:.3g}): {pair.cfg.hook_in!r} is not this MLP's input. On a TransformerLens 4 "
-            "bridge use 'blocks.{L}.ln2.hook_out' (ln2.hook_normalized there is before the LayerNorm's affine)"
+            f"(relative error {err:.3g}).{hint} (lnN.hook_normalized is before the norm's scale and shift; "
+            "Gemma's hook_mlp_out is after its post-MLP norm.)"
         )
     return err
 

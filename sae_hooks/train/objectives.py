@@ -30,7 +30,7 @@ from ..saes.jacobian import JacobianSAEPair, JacobianTraining
 from ..saes.multilayer import MultiLayerSAE
 from ..saes.registry import training_spec
 from ..saes.training import ArchSettings, LossOutput, StepContext, TrainingSpec, unit_norm_rows_
-from .statistics import geometric_median, robust_centre_and_mse_scale, robust_scale
+from .statistics import geometric_median, inlier_mask, robust_centre_and_mse_scale, robust_scale
 
 
 class Objective:
@@ -55,8 +55,10 @@ class Objective:
     def init_weights(self, settings: Any, unit_norm: bool, arch: ArchSettings) -> None:
         """Initialise the weights from ``settings.seed``."""
 
-    def prepare(self, batches: list[dict[str, Tensor]], settings: Any) -> None:
-        """Data-dependent initialisation from the first batches (every rank's rows, when distributed)."""
+    def prepare(self, batches: list[dict[str, Tensor]], settings: Any) -> list[bool] | None:
+        """Data-dependent initialisation from the first batches (every rank's rows, when distributed);
+        returns which of them to train on (``None``: all)."""
+        return None
 
     def loss(self, inputs: dict[str, Tensor], ctx: StepContext, arch: ArchSettings) -> LossOutput:
         raise NotImplementedError
@@ -175,8 +177,12 @@ class SAEObjective(Objective):
         self.spec.init(sae, arch)
 
     @torch.no_grad()
-    def prepare(self, batches: list[dict[str, Tensor]], settings: Any) -> None:
+    def prepare(self, batches: list[dict[str, Tensor]], settings: Any) -> list[bool]:
         sae, dtype = self.sae, self.sae.dtype
+        keep = inlier_mask([b[self.site] for b in batches], "input scale", dtype)
+        if self.transcoder:
+            keep = [a and b for a, b in zip(keep, inlier_mask([b[self.site_out] for b in batches], "target scale", dtype))]
+        batches = [b for b, k in zip(batches, keep) if k]
         xs = [b[self.site] for b in batches]
         scaling = settings.input_scaling == "scale"
         if self.transcoder:
@@ -194,6 +200,7 @@ class SAEObjective(Objective):
         b_dec, self.mse_scale = robust_centre_and_mse_scale(targets, what, dtype, settings.b_dec_init)
         if b_dec is not None:
             sae.b_dec.copy_(b_dec.to(dtype))
+        return keep
 
     def normalise(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """``(x, target)`` in training coordinates (``target`` ``None`` for an SAE: its input)."""

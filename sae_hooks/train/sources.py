@@ -503,7 +503,9 @@ def pack_texts(
     stream: list[int] = []
     for text in texts:
         stream.append(bos_token_id)
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: a document longer than the model's context is expected here (it is cut into rows
+        # below), so the tokenizer's "longer than the specified maximum sequence length" warning is noise.
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     body = seq_len - 1
     rows = [[bos_token_id, *stream[i : i + body]] for i in range(0, len(stream) - body + 1, body)]
     batches = [torch.tensor(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]

@@ -66,18 +66,23 @@ def robust_scale(batches: Sequence[Tensor], d: int, what: str, dtype: torch.dtyp
     return math.sqrt(d / statistics.median(mean_sq_norms(batches, what, dtype)))
 
 
-def inliers(batches: Sequence[Tensor], what: str, dtype: torch.dtype) -> list[Tensor]:
-    """The batches whose mean squared norm is within :data:`OUTLIER_FACTOR` of the median."""
+def inlier_mask(batches: Sequence[Tensor], what: str, dtype: torch.dtype) -> list[bool]:
+    """Which batches have a mean squared norm within :data:`OUTLIER_FACTOR` of the median (warns about the others)."""
     msn = mean_sq_norms(batches, what, dtype)
     med = statistics.median(msn)
-    keep = [b for b, m in zip(batches, msn) if med / OUTLIER_FACTOR <= m <= med * OUTLIER_FACTOR]
-    if len(keep) < len(batches):
+    keep = [med / OUTLIER_FACTOR <= m <= med * OUTLIER_FACTOR for m in msn]
+    if not all(keep):
         warnings.warn(
-            f"{what}: {len(batches) - len(keep)} of the first {len(batches)} batches have a mean squared norm more "
-            f"than {OUTLIER_FACTOR:g}x away from the median {med:.3g}; left out of b_dec and mse_scale",
+            f"{what}: {keep.count(False)} of the first {len(batches)} batches have a mean squared norm more than "
+            f"{OUTLIER_FACTOR:g}x away from the median {med:.3g}; left out of the statistics and not trained on",
             RuntimeWarning, stacklevel=3,
         )
     return keep
+
+
+def inliers(batches: Sequence[Tensor], what: str, dtype: torch.dtype) -> list[Tensor]:
+    """The batches whose mean squared norm is within :data:`OUTLIER_FACTOR` of the median."""
+    return [b for b, k in zip(batches, inlier_mask(batches, what, dtype)) if k]
 
 
 def robust_centre_and_mse_scale(targets: Sequence[Tensor], what: str, dtype: torch.dtype, centre: str) -> tuple[Tensor | None, float]:

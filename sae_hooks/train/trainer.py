@@ -36,7 +36,6 @@ from ..saes.base import SAE
 from ..saes.training import ArchSettings, LossOutput, StepContext, remove_parallel_grad, unit_norm_rows_
 from . import checkpoint as _ckpt
 from .objectives import Objective, make_objective
-from .statistics import geometric_median  # noqa: F401 - re-exported
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 INPUT_SCALINGS = ("scale", "none")
@@ -283,7 +282,9 @@ class TrainEntry:
         ``target`` for a transcoder). Returns the metrics, or ``None`` with no change at all for a
         non-finite batch (and while the first ``init_batches`` batches are collected for the statistics)."""
         if isinstance(batch, Tensor):
-            batch = {self.site: batch} if target is None else {self.site: batch, self.site_out or "": target}
+            if target is not None and self.site_out is None:
+                raise ConfigError(f"entry {self.name!r} is not a transcoder: it takes no target")
+            batch = {self.site: batch} if target is None else {self.site: batch, self.site_out: target}
         elif target is not None:
             raise ConfigError(f"entry {self.name!r}: pass the target inside the batch dict")
         missing = [site for site in self.sites if site not in batch]
@@ -307,11 +308,14 @@ class TrainEntry:
         if not self.pending:
             return None
         gathered = [{k: self.sync.gather_rows(v) for k, v in b.items()} for b in self.pending]
-        self.objective.prepare(gathered, self.settings)
+        keep = self.objective.prepare(gathered, self.settings) or [True] * len(gathered)
         self.state.initialised = True
         pending, self.pending, out = self.pending, [], None
-        for inputs in pending:
-            out = self._step(inputs, autocast_dtype) or out
+        for inputs, k in zip(pending, keep):
+            if k:
+                out = self._step(inputs, autocast_dtype) or out
+            else:
+                self.state.skipped += 1
         return out
 
     def _step(self, inputs: dict[str, Tensor], autocast_dtype: torch.dtype | None) -> dict[str, float] | None:

@@ -97,6 +97,13 @@ def test_gemma_scope_2_all_folders_are_reachable():
     assert s.path == "transcoder_all/layer_0_width_16k_l0_big_affine"
     assert rel.resolve(s.path) is s  # the repo path works as well
     assert R.get_release("gemma-scope-2-4b-pt-transcoders").layers == [9, 17, 22, 29]
+    att = R.get_release("gemma-scope-2-27b-it-att")
+    assert att.layers == [16, 31, 40, 53] and len(att.saes) == 4 * 3 * 3
+    row = att.sae_rows()[0]
+    assert row["path"].startswith("attn_out/") and row["hook"] == f"blocks.{row['layer']}.attn.hook_z"
+    tc = R.get_release("gemma-scope-2-4b-pt-transcoders").sae_rows()[0]
+    assert (tc["hook"], tc["hook_out"]) == (f"blocks.{tc['layer']}.ln2.hook_normalized",
+                                            f"blocks.{tc['layer']}.hook_mlp_out")
 
 
 def test_pattern_fields_fill_hooks_for_unlisted_releases():
@@ -125,8 +132,8 @@ def test_list_pretrained_release_lists_its_saes_without_download():
 
 
 def test_unsupported_release_is_refused_clearly():
-    with pytest.raises(R.UnsupportedReleaseError, match="mwhanna/qwen3-4b-transcoders.*layer_N.safetensors"):
-        sae_hooks.load("mwhanna-qwen3-4b-transcoders", "layer_0")
+    with pytest.raises(R.UnsupportedReleaseError, match="mntss/clt-gemma-2-2b-2.5M.*cross-layer transcoder"):
+        sae_hooks.load("mntss-gemma-2-2b-2.5m-clt-as-per-layer", "layer_0")
 
 
 def test_openai_release_is_marked_not_on_hub():

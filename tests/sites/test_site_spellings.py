@@ -98,7 +98,7 @@ def test_cli_train_and_eval_with_a_tl_name_on_a_plain_hf_model(tmp_path, capsys)
 
 
 def test_eval_runner_takes_every_spelling(embedded) -> None:
-    from sae_hooks.metrics import hooks_splice_runner
+    from sae_hooks.eval import hooks_splice_runner
 
     model, _ = embedded
     ids = _tokens()

@@ -1,4 +1,4 @@
-"""Multi-layer SAEs and Jacobian pairs are objectives of the one trainer: a run stopped and resumed from a
+"""Multi-layer SAEs and Jacobian pairs are objectives of the one trainer: a run stopped (or SIGKILLed) and resumed from a
 checkpoint equals the uninterrupted run bit for bit, and both train under ``torch.distributed`` (gloo,
 2 processes): the Jacobian pair's data-parallel run equals one process on the whole batch; the MLSAE's
 ranks stay identical and its loss falls."""
@@ -203,3 +203,58 @@ def test_mlsae_and_jsae_train_under_torch_distributed(tmp_path: Path) -> None:
     assert loss[-3:].mean() < 0.8 * loss[:3].mean()
     for k in [k for k in r0 if k.startswith("mlsae.")]:
         assert torch.equal(r0[k], r0["resumed." + k[6:]]), k
+
+
+def test_entry_errors_name_what_is_wrong() -> None:
+    from sae_hooks import make_sae
+    from sae_hooks.errors import ConfigError, ShapeMismatchError
+
+    with pytest.raises(ConfigError, match="not a transcoder"):
+        TrainEntry("e", "x", make_sae("relu", D, 32)).train_step(torch.randn(4, D), target=torch.randn(4, D))
+    with pytest.raises(ConfigError, match="several sites"):
+        TrainEntry("m", "blocks.0.hook_resid_post", make_mlsae(D, L, d_sae=32, k=4))
+    with pytest.raises(ConfigError, match="cannot train a Linear"):
+        TrainEntry("l", "x", torch.nn.Linear(2, 2))
+    j = jsae_entry()
+    with pytest.raises(ConfigError, match=f"lacks \\['{JSITE}'\\]"):
+        j.train_step({"elsewhere": torch.randn(4, D)})
+    m = mlsae_entry()
+    with pytest.raises(ShapeMismatchError, match="blocks.1.hook_resid_post"):
+        m.train_step({s: torch.randn(4, D if i != 1 else D + 1) for i, s in enumerate(SITES)})
+
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import torch
+from test_objectives_resume import STEPS, _buffer, jsae_entry, mlsae_entry
+from sae_hooks.train import Trainer
+make = mlsae_entry if {kind!r} == "mlsae" else jsae_entry
+
+def log(step, metrics):
+    if step == 8:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed mid-run, after the checkpoint of step 6
+
+Trainer([make()]).fit(_buffer({kind!r}), max_steps=STEPS, checkpoint_dir={ck!r}, checkpoint_every=3, log=log, log_every=1)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mlsae", "jsae"])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, kind: str) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    ck = str(tmp_path / "ck")
+    code = _KILLED_RUN.format(here=str(Path(__file__).parent), kind=kind, ck=ck)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    make = mlsae_entry if kind == "mlsae" else jsae_entry
+    full = Trainer([make()]).fit(_buffer(kind), max_steps=STEPS)
+    resumed, buf = Trainer([make()]), _buffer(kind)
+    assert load_checkpoint(resumed, ck, buf)["step"] == 6
+    resumed.fit(buf, max_steps=STEPS)
+    for k, v in _weights(full.entries[0]).items():
+        assert torch.equal(v, _weights(resumed.entries[0])[k]), k

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...saes import SAE
-from . import dictionary_learning, gemma_scope, llama_scope, lm_saes, mlsae, native, openai, saelens, sparsify
+from . import circuit_tracer, connor_rob_hook_z, dictionary_learning, gemma_scope, llama_scope, lm_saes, mlsae, native, openai, saelens, sparsify
 from ._common import LoadOptions
 
 
@@ -50,11 +50,16 @@ FORMATS: list[Format] = [
            "config.json + ae.pt"),
     Format(mlsae.NAME, mlsae.detect, mlsae.needed, mlsae.load, "config.json + model.safetensors"),
     Format(openai.NAME, openai.detect, openai.needed, openai.load, "exactly one *.pt file and no JSON config"),
+    Format(connor_rob_hook_z.NAME, connor_rob_hook_z.detect, connor_rob_hook_z.needed, connor_rob_hook_z.load,
+           "one <name>.pt + <name>_cfg.json (attention-output SAEs)"),
+    Format(circuit_tracer.NAME, circuit_tracer.detect, circuit_tracer.needed, circuit_tracer.load,
+           "one layer_N.safetensors file (+ optional config.yaml)"),
 ]
 
 BY_NAME: dict[str, Format] = {f.name: f for f in FORMATS}
 ALIASES = {"native": "sae_hooks", "sae_lens": "saelens", "gemma_scope_1": "gemma_scope", "gemma-scope": "gemma_scope",
            "eleuther": "sparsify", "dictionary-learning": "dictionary_learning", "llama-scope": "llama_scope",
-           "llamascopium": "lm_saes", "lm-saes": "lm_saes"}
+           "llamascopium": "lm_saes", "lm-saes": "lm_saes",
+           "circuit-tracer": "circuit_tracer", "mwhanna_transcoder": "circuit_tracer"}
 
 __all__ = ["FORMATS", "BY_NAME", "ALIASES", "Format", "LoadOptions"]

@@ -28,6 +28,8 @@ The hook is ``blocks.{trainer.layer}.hook_resid_post`` (the SAEBench convention 
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,23 @@ def convert(raw: dict[str, Any], dict_class: str, source: str) -> dict[str, torc
     return out
 
 
+#: dictionary_learning / SAEBench ``submodule_name`` kinds -> TransformerLens hooks.
+_SUBMODULES = {"resid_post": "hook_resid_post", "resid_pre": "hook_resid_pre", "resid": "hook_resid_post",
+               "mlp_out": "hook_mlp_out", "mlp": "hook_mlp_out", "attn_out": "hook_attn_out", "attn": "hook_attn_out"}
+
+
+def submodule_hook(submodule_name: str | None, layer: int | None) -> str | None:
+    """The hook a dictionary was trained on: ``submodule_name`` (``"mlp_out_layer_3"`` -> ``blocks.3.hook_mlp_out``,
+    ``"resid_post_layer_12"``), else ``blocks.{layer}.hook_resid_post`` (SAEBench's convention, which SAELens assumes
+    for every file). An unrecognised ``submodule_name`` gives no hook (pass ``hook=``) rather than a guess."""
+    if submodule_name:
+        m = re.fullmatch(r"(resid_post|resid_pre|resid|mlp_out|mlp|attn_out|attn)_?(?:layer_?)?(\d+)", submodule_name)
+        if m is None:
+            return None
+        return f"blocks.{m.group(2)}.{_SUBMODULES[m.group(1)]}"
+    return f"blocks.{layer}.hook_resid_post" if layer is not None else None
+
+
 def load(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
     opts = opts or LoadOptions()
     folder = Path(folder)
@@ -138,6 +157,11 @@ def load(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
     weights = folder / WEIGHTS
     wsrc = str(weights)
     raw = torch_load_weights(weights, opts.map_location)
+    if isinstance(raw.get("ae"), dict) and ("optimizer" in raw or "step" in raw):
+        raise SAEFormatError(
+            f"{wsrc}: a dictionary_learning training backup (keys {sorted(raw)}; step {raw.get('step')!r}), not the "
+            "final dictionary: its 'ae' weights are not yet rescaled by the run's norm_factor. Load the ae.pt that "
+            "trainSAE writes at the end of the run.")
     arch, apply_b_dec = DICT_CLASSES[c["dict_class"]]
     state = convert(raw, c["dict_class"], wsrc)
     d_in, d_sae = state["W_enc"].shape
@@ -154,7 +178,7 @@ def load(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
             raise SAEFormatError(f"{wsrc}: {c['dict_class']} needs k (no 'k' buffer and no trainer.k in {CONFIG})")
         if not 0 < k <= d_sae:
             raise SAEFormatError(f"{wsrc}: k={k} must be in [1, {d_sae}]")
-    hook = opts.hook or (f"blocks.{c['layer']}.hook_resid_post" if c["layer"] is not None else None)
+    hook = opts.hook or submodule_hook(c["submodule_name"], c["layer"])
     model = opts.model_name or c["lm_name"]
     cfg = SAEConfig(
         architecture=arch,

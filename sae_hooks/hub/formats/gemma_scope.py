@@ -67,13 +67,29 @@ def needed_2(files: list[str]) -> list[str]:
     return [SAFETENSORS] + ([CONFIG_2] if CONFIG_2 in files else [])
 
 
-def _canonical(raw: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def _canonical(raw: dict[str, torch.Tensor], source: str, extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Our names for the five JumpReLU tensors; ``scaling_factor`` folded; any other array refused by name."""
     out: dict[str, torch.Tensor] = {}
+    used = set()
     for ours, names in _ALIASES.items():
         key = next((n for n in names if n in raw), None)
         if key is None:
             raise SAEFormatError(f"{source}: missing tensor {ours!r} (looked for {list(names)}; present: {sorted(raw)})")
         out[ours] = raw[key]
+        used.add(key)
+    if "scaling_factor" in raw:
+        # SAELens 4-5's fine-tuning scale (its gemma_2 loader renames a non-unit one finetuning_scaling_factor):
+        # decode((f * s)) = f @ (s[:, None] * W_dec). All ones: nothing to do.
+        s = raw["scaling_factor"].float()
+        if s.shape != (out["W_dec"].shape[0],):
+            raise SAEFormatError(f"{source}: scaling_factor has shape {tuple(s.shape)}, expected ({out['W_dec'].shape[0]},)")
+        if not torch.all(s == 1):
+            out["W_dec"] = (out["W_dec"].float() * s[:, None]).to(out["W_dec"].dtype)
+        used.add("scaling_factor")
+    left = sorted(set(raw) - used - set(extra))
+    if left:
+        raise SAEFormatError(f"{source}: unexpected arrays {left} (a Gemma Scope file holds W_enc, W_dec, b_enc, b_dec, "
+                             "threshold and optionally scaling_factor); refusing to ignore them")
     return out
 
 
@@ -122,10 +138,13 @@ def gemma1_model(where: str) -> str | None:
 
 
 def gemma2_hooks(where: str, layer: int | None, transcoder: bool) -> tuple[str | None, str | None]:
+    """TransformerLens hooks of a Gemma Scope 2 folder. Transcoders read the MLP's *normalised* input
+    (``pre_feedforward_layernorm.output``, as their config.json says: TransformerLens ``ln2.hook_normalized``) and
+    write ``hook_mlp_out``; attention SAEs read the heads' concatenated output (``o_proj`` input, ``attn.hook_z``)."""
     if layer is None:
         return None, None
     if transcoder or re.search(r"(?:^|/)(transcoder|clt)", where):
-        return f"blocks.{layer}.hook_mlp_in", f"blocks.{layer}.hook_mlp_out"
+        return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
     if "resid_post" in where:
         return f"blocks.{layer}.hook_resid_post", None
     if "attn_out" in where:
@@ -133,6 +152,45 @@ def gemma2_hooks(where: str, layer: int | None, transcoder: bool) -> tuple[str |
     if "mlp_out" in where:
         return f"blocks.{layer}.hook_mlp_out", None
     return None, None
+
+
+#: Hugging Face module names of Gemma 3 (``config.json``'s ``hf_hook_point_in/out``) -> TransformerLens hooks.
+_HF_TO_TL = (
+    (re.compile(r"^model\.layers\.(\d+)\.output$"), "blocks.{}.hook_resid_post"),
+    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.o_proj\.input$"), "blocks.{}.attn.hook_z"),
+    (re.compile(r"^model\.layers\.(\d+)\.pre_feedforward_layernorm\.output$"), "blocks.{}.ln2.hook_normalized"),
+    (re.compile(r"^model\.layers\.(\d+)\.post_feedforward_layernorm\.output$"), "blocks.{}.hook_mlp_out"),
+    (re.compile(r"^model\.layers\.(\d+)\.post_attention_layernorm\.output$"), "blocks.{}.hook_attn_out"),
+)
+
+
+def hf_point_to_site(point: str | None) -> tuple[str | None, str | None]:
+    """(TransformerLens hook, module site) of an ``hf_hook_point`` (``model.layers.5.self_attn.o_proj.input`` ->
+    ``("blocks.5.attn.hook_z", "model.layers.5.self_attn.o_proj:input")``); ``(None, None)`` if not recognised."""
+    if not point:
+        return None, None
+    hook = next((t.format(m.group(1)) for rx, t in _HF_TO_TL if (m := rx.match(point))), None)
+    if point.endswith(".output"):
+        module = point[: -len(".output")]
+    elif point.endswith(".input"):
+        module = point[: -len(".input")] + ":input"
+    else:
+        module = point
+    return hook, module
+
+
+def gemma3_model(name: str | None, where: str = "") -> str | None:
+    """``google/gemma-3-1b-pt`` from a Gemma Scope 2 ``model_name`` (``gemma-v3-1b-pt``; ``270m`` drops ``-pt``, as
+    SAELens normalises it) or, without one, from the repo id (``gemma-scope-2-1b-pt`` -> ``gemma-3-1b-pt``)."""
+    if not name:
+        m = re.search(r"gemma-scope-2-([\w.]+?-(?:pt|it))(?:/|$)", where)
+        if not m:
+            return None
+        name = f"gemma-3-{m.group(1)}"
+    name = name.removeprefix("google/").replace("gemma-v3-", "gemma-3-")
+    if re.fullmatch(r"gemma-3-270m-pt", name):
+        name = "gemma-3-270m"
+    return f"google/{name}"
 
 
 def _layer(where: str) -> int | None:
@@ -197,7 +255,7 @@ def load_2(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
     source = str(path)
     c = read_config_2(read_json(folder / CONFIG_2), str(folder / CONFIG_2)) if (folder / CONFIG_2).exists() else {}
     raw = read_safetensors(path, opts.map_location)
-    state = _canonical(raw, source)
+    state = _canonical(raw, source, extra=("affine_skip_connection",))
     d_in, d_sae, d_out = _shapes(state, source)
     skip = "affine_skip_connection" in raw
     if c.get("affine_connection") and not skip:
@@ -210,11 +268,17 @@ def load_2(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
     hf_in, hf_out = c.get("hf_hook_point_in"), c.get("hf_hook_point_out")
     transcoder = skip or d_out != d_in or bool(hf_out and hf_in and hf_out != hf_in)
     hook, hook_out = gemma2_hooks(where, _layer(where), transcoder)
+    # config.json's hf_hook_point_in/out are the authority on the site when they name a known point.
+    (cfg_hook, module), (cfg_hook_out, module_out) = hf_point_to_site(hf_in), hf_point_to_site(hf_out)
+    hook, hook_out = cfg_hook or hook, (cfg_hook_out if transcoder else None) or hook_out
     hook, hook_out = opts.hook or hook, opts.hook_out or hook_out
-    model = opts.model_name or c.get("model_name")
-    # hf_hook_point_in/out ("model.layers.5.output") name a module's input/output, not a module path: kept in
-    # metadata only.
+    model = opts.model_name or gemma3_model(c.get("model_name"), where)
     site = make_site(hook, hook_out, model) if hook else None
+    if site is not None and not opts.hook and cfg_hook and module:
+        site.module = module
+        if transcoder and cfg_hook_out and module_out and not opts.hook_out:
+            site.module_out = module_out
+    reshape = "hook_z" if hook and hook.endswith("attn.hook_z") else "none"
     cfg = SAEConfig(
         architecture="jumprelu",
         d_in=d_in,
@@ -222,6 +286,7 @@ def load_2(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
         d_out=d_out if transcoder else None,
         dtype=file_dtype(state, "W_enc"),
         skip=skip,
+        reshape=reshape,
         sites=[site] if site else [],
         model_name=model,
         metadata={"source_format": NAME_2, **{k: v for k, v in c.items() if v is not None}},

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from ...config import SAEConfig
-from ...errors import SAEFormatError
+from ...errors import SAEFormatError, UnknownArchitectureError
 from ...saes import SAE
-from ..._files import expect_object
+from ..._files import expect_object, read_json
 from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, t_, tensor, read_config_and_safetensors
 
 NAME = "mlsae"
@@ -38,9 +38,16 @@ PYTHIA_LAYERS = {"14m": 6, "31m": 6, "70m": 6, "160m": 12, "410m": 24, "1b": 16,
                  "6.9b": 32, "12b": 36}
 
 
-def detect(files: list[str]) -> bool:
-    """``config.json`` + ``model.safetensors``."""
-    return CONFIG in files and WEIGHTS in files
+def detect(files: list[str], peek: Any = None) -> bool:
+    """``config.json`` + ``model.safetensors`` whose config is an MLSAE's (``k`` and ``n_latents``/``n_inputs``, no
+    ``model_type``/``architectures``: a transformers model folder has the same file names)."""
+    if not (CONFIG in files and WEIGHTS in files):
+        return False
+    cfg = peek(CONFIG) if peek is not None else None
+    if cfg is None:
+        return peek is None  # name-only check (listing SAE folders): the file names match
+    return "k" in cfg and ("n_latents" in cfg or "n_inputs" in cfg) and not (
+        "model_type" in cfg or "architectures" in cfg)
 
 
 def needed(files: list[str]) -> list[str]:
@@ -66,6 +73,12 @@ def n_layers_from_name(name: str) -> int | None:
 
 def load(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
     opts = opts or LoadOptions()
+    where0 = "/".join(p for p in (opts.repo_id or "", opts.sae_id or "", str(folder)) if p)
+    lens_cfg = read_json(Path(folder) / CONFIG) if (Path(folder) / CONFIG).exists() else {}
+    if re.search(r"mlsae-[\w.-]+-lens(?:-tfm)?(?:/|$)", where0) or (isinstance(lens_cfg, dict) and lens_cfg.get("tuned_lens")):
+        raise UnknownArchitectureError(
+            f"{where0}: a tuned-lens MLSAE (repo suffix '-lens'): each layer's tuned-lens translator is applied before "
+            "the SAE and inverted after it, and those translators are not in this repo; not supported")
     c, raw, wsrc = read_config_and_safetensors(folder, CONFIG, WEIGHTS, read_config, opts)
     source = str(Path(folder) / CONFIG)
     enc = tensor(raw, "encoder.weight", wsrc, 2)

@@ -42,7 +42,9 @@ _CONFIG_NAMES = ("cfg.json", "config.json", "hyperparams.json")
 def detect(files: list[str]) -> bool:
     """Exactly one ``*.pt`` file (the SAE itself) and no JSON config beside it."""
     pts = [f for f in files if f.endswith(".pt") and "/" not in f]
-    return len(pts) == 1 and not any(c in files for c in _CONFIG_NAMES)
+    # ``ae.pt`` is dictionary_learning's weights file (its config.json is missing), never an OpenAI SAE.
+    return (len(pts) == 1 and pts[0] != "ae.pt" and not any(c in files for c in _CONFIG_NAMES)
+            and pts[0][: -len(".pt")] + "_cfg.json" not in files)  # <name>_cfg.json: connor_rob_hook_z
 
 
 def needed(files: list[str]) -> list[str]:

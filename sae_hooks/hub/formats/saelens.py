@@ -190,6 +190,7 @@ def read_config(raw: dict[str, Any], source: str = CONFIG, opts: LoadOptions | N
     flags = {
         "rescale_acts_by_decoder_norm": bool(get(data, "rescale_acts_by_decoder_norm", bool, source, False)),
         "normalize_activations": norm_name,
+        "finetuning_scaling_factor": raw.get("finetuning_scaling_factor") is True,
     }
     return cfg, flags
 
@@ -201,6 +202,13 @@ def convert_state(state: dict[str, torch.Tensor], cfg: SAEConfig, flags: dict[st
     state.pop("sparsity", None)
     if "log_threshold" in state and "threshold" not in state:
         state["threshold"] = torch.exp(state.pop("log_threshold"))
+    if "finetuning_scaling_factor" in state:
+        # SAELens 4-5 fine-tuned SAEs: decode((f * s)) when cfg.finetuning_scaling_factor is true (sae.py v5.11
+        # ``apply_finetuning_scaling_factor``); folded into W_dec like the legacy ``scaling_factor`` below.
+        if not flags.get("finetuning_scaling_factor"):
+            raise SAEFormatError(f"{source}: tensor 'finetuning_scaling_factor' but cfg.json's finetuning_scaling_factor "
+                                 "is not true; SAELens would not load this file")
+        state["scaling_factor"] = state.pop("finetuning_scaling_factor")
     if "scaling_factor" in state:
         s = tensor(state, "scaling_factor", source).float()
         state.pop("scaling_factor")

@@ -41,6 +41,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(CASES))
 def test_planted_features_recovered(arch: str) -> None:
     torch.manual_seed(0)
@@ -57,6 +58,7 @@ def test_planted_features_recovered(arch: str) -> None:
     assert mmcs(dictionary, torch.randn(128, D_IN)) < 0.7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["batchtopk", "gated"])
 def test_other_architectures_learn(arch: str) -> None:
     """BatchTopK and Gated recover the planted features too (MMCS ≈ 0.96 / 0.97 in 600 steps; Gated

@@ -18,6 +18,7 @@ from sae_hooks.sites.names import (
     FAMILIES,
     complete_site,
     detect_family,
+    for_config,
     hook_names,
     join_site,
     split_site,
@@ -39,6 +40,10 @@ def _cases():
         "gpt2": (t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **SMALL), t.GPT2LMHeadModel, "GPT2LMHeadModel"),
         "gpt_neox": (t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      max_position_embeddings=64, **SMALL), t.GPTNeoXForCausalLM, "GPTNeoXForCausalLM"),
+        "gpt_neox_sequential": (t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=64,
+                                                use_parallel_residual=False, **SMALL),
+                                t.GPTNeoXForCausalLM, "GPTNeoXForCausalLM"),
         "llama": (t.LlamaConfig(**DECODER), t.LlamaForCausalLM, "LlamaForCausalLM"),
         "mistral": (t.MistralConfig(**DECODER), t.MistralForCausalLM, "MistralForCausalLM"),
         "qwen2": (t.Qwen2Config(**DECODER), t.Qwen2ForCausalLM, "Qwen2ForCausalLM"),
@@ -60,6 +65,31 @@ def _first_tensor(value):
     raise AssertionError(f"no tensor in {type(value)}")
 
 
+def _normalized(mod, x):
+    """Pre-affine normalised value of a norm's input, computed here independently: ``F.layer_norm`` without
+    weight and bias for a LayerNorm, ``x * rsqrt(mean(x²) + eps)`` for an RMSNorm (float32)."""
+    x = x.float()
+    eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", None)
+    if isinstance(mod, torch.nn.LayerNorm):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=mod.eps)
+    assert "RMSNorm" in type(mod).__name__, type(mod)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def randomize_norms(model, seed: int = 0) -> None:
+    """Random non-trivial norm weights and biases, so pre- and post-affine values differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm) or "Norm" in type(mod).__name__:
+                w = getattr(mod, "weight", None)
+                if isinstance(w, torch.Tensor):
+                    w.copy_((0.0 if "Gemma" in type(mod).__name__ else 1.0) + 0.5 * torch.randn(w.shape, generator=g))
+                b = getattr(mod, "bias", None)
+                if isinstance(b, torch.Tensor):
+                    b.copy_(0.3 * torch.randn(b.shape, generator=g))
+
+
 def _hf_tensors(model, sites: list[str], tokens):
     """Run ``model`` with raw forward hooks; return ``{site: tensor}`` (first tensor of output / input)."""
     modules = dict(model.named_modules())
@@ -67,7 +97,11 @@ def _hf_tensors(model, sites: list[str], tokens):
     for site in sites:
         path, side = split_site(site)
         mod = modules[path]
-        if side == "output":
+        if side == "normalized":
+            def norm_pre(m, args, kwargs, s=site):
+                got[s] = _normalized(m, args[0] if args else kwargs["hidden_states"])
+            handles.append(mod.register_forward_pre_hook(norm_pre, with_kwargs=True))
+        elif side == "output":
             handles.append(mod.register_forward_hook(lambda m, a, o, s=site: got.__setitem__(s, _first_tensor(o))))
         else:
             def pre(m, args, kwargs, s=site):
@@ -92,6 +126,7 @@ def built():
             cfg, cls, arch = _cases()[name]
             torch.manual_seed(0)
             hf = cls(cfg).eval()
+            randomize_norms(hf)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 bridge = bridge_builder.build_bridge_from_module(copy.deepcopy(hf), arch, hf_config=cfg)
@@ -115,6 +150,7 @@ def test_translated_paths_match_bridge(built, name):
     hf, bridge, cache, tokens = built(name)
     fam = detect_family([n for n, _ in hf.named_modules()], hf.config.model_type)
     assert fam is not None
+    fam = for_config(fam, hf.config)
     n_layers = hf.config.num_hidden_layers
     names = [n for n in hook_names(fam, n_layers) if n in cache]
     missing_core = [n for n in CORE if n not in names]
@@ -133,6 +169,8 @@ def test_translated_paths_match_bridge(built, name):
             bad.append((tl_name, site, (expected - actual).abs().max().item() if expected.shape == actual.shape else "shape"))
     assert not bad, f"{name}: mismatches {bad}"
     assert len(names) >= len(CORE)
+    if name == "gpt_neox_sequential":
+        assert "blocks.1.hook_resid_mid" in names
 
 
 @pytest.mark.parametrize("name", list(_cases()))

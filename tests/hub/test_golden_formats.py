@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import sae_hooks
 from sae_hooks.errors import UnknownArchitectureError
 
-ROOT = Path(__file__).parent / "fixtures" / "golden"
+ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
 MANIFEST = ROOT / "manifest.json"
 FIXTURES = json.loads(MANIFEST.read_text())["fixtures"] if MANIFEST.exists() else []
 #: Architectures sae-hooks does not implement: loading must fail with a typed error naming the file.

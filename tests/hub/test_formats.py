@@ -148,7 +148,10 @@ def test_gemma_scope_2_affine_transcoder(tmp_path):
     sae = sae_hooks.load(folder)
     assert sae.cfg.metadata["source_format"] == "gemma_scope_2" and sae.cfg.skip
     site = sae.cfg.sites[0]
-    assert (site.hook, site.hook_out) == ("blocks.5.hook_mlp_in", "blocks.5.hook_mlp_out")
+    # The input is what config.json names: the MLP's normalised input (issue 13 defect 2; was hook_mlp_in).
+    assert (site.hook, site.hook_out) == ("blocks.5.ln2.hook_normalized", "blocks.5.hook_mlp_out")
+    assert (site.module, site.module_out) == ("model.layers.5.pre_feedforward_layernorm",
+                                              "model.layers.5.post_feedforward_layernorm")
     assert sae.cfg.model_name == "google/gemma-3-1b-pt"
     x = xs()
     check(sae, x, *ref.gemma_scope(x.astype(np.float64), **f64(p), W_skip=skip.astype(np.float64)))

@@ -245,6 +245,7 @@ def test_trainer_needs_a_process_group() -> None:
 # The command line under torchrun ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun(tmp_path: Path) -> None:
     import subprocess
     import sys

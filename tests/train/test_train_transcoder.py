@@ -42,6 +42,7 @@ def mmcs(truth: torch.Tensor, W: torch.Tensor) -> float:
     return (truth @ W.T).max(-1).values.mean().item()
 
 
+@pytest.mark.slow
 def test_planted_transcoder_recovers_decoder_directions() -> None:
     torch.manual_seed(0)
     enc, dec = planted()
@@ -129,13 +130,14 @@ def test_transcoder_checkpoint_resume_equals_uninterrupted(tmp_path) -> None:
         load_checkpoint(Trainer([other]), tmp_path / "ck")
 
 
+@pytest.mark.slow
 def test_mlp_transcoder_on_embedded_model() -> None:
     """A TopK MLP transcoder at layer 1 of the embedded GPT-2 (ln_2 output → mlp output)."""
     import copy
 
     pytest.importorskip("transformers")
     from adapters.torch import attach
-    from sae_hooks.metrics import hooks_splice_runner, next_token_ce, splice_metrics
+    from sae_hooks.eval import hooks_splice_runner, keep_mask, next_token_ce, scored_mask, splice_metrics
     from sae_hooks.train import ActivationReader, LiveSource
     from sae_hooks.app.demo import load_default_model, pydoc_texts
     from sae_hooks.sites import site_hooks
@@ -177,8 +179,8 @@ def test_mlp_transcoder_on_embedded_model() -> None:
     for ids in eval_batches:
         with torch.no_grad():
             logits = spliced_model(ids).logits
-        total, count = next_token_ce(logits, ids)
-        ce_sae, n = ce_sae + total, n + count
+        scored = scored_mask(keep_mask(ids, None, 0))  # the positions splice_metrics scores
+        ce_sae, n = ce_sae + next_token_ce(logits, ids)[scored].sum().item(), n + int(scored.sum())
         # Independent splice: read x at ln_2, write transcoder(x) at the mlp output (non-BOS tokens).
         keep = token_mask(ids, None, 0)[..., None]
         saved = {}
@@ -186,7 +188,7 @@ def test_mlp_transcoder_on_embedded_model() -> None:
                     layer.install(site_out, lambda t: torch.where(keep, final(saved["x"]), t))]
         try:
             with torch.no_grad():
-                ce_manual += next_token_ce(model(ids).logits, ids)[0]
+                ce_manual += next_token_ce(model(ids).logits, ids)[scored].sum().item()
         finally:
             for r in removers:
                 r()

@@ -166,6 +166,7 @@ def test_bridge_hook_check():
         check_mlp_input(model, bad, tokens)
 
 
+@pytest.mark.slow
 def test_jsae_training_sparsifies_jacobian_and_attach(embedded, record_property):
     """λ > 0 makes the Jacobian sparser at every threshold while both SAEs still reconstruct.
 
@@ -174,7 +175,7 @@ def test_jsae_training_sparsifies_jacobian_and_attach(embedded, record_property)
     10.1; CE loss recovered (in, out) λ=0 ≈ (0.67, 0.78), λ=3 ≈ (0.50, 0.55). At this budget the drop is
     mostly a shrinking of all entries paid for by the output SAE (see docs/multilayer_and_jacobian.md),
     hence the reconstruction floors below."""
-    from sae_hooks.multilayer_metrics import ce_loss_recovered
+    from sae_hooks.eval import hooks_splice_runner, splice_metrics
     from sae_hooks.train.jsae import check_mlp_input, jsae_batches, train_jsae
 
     model, batches = embedded
@@ -201,8 +202,8 @@ def test_jsae_training_sparsifies_jacobian_and_attach(embedded, record_property)
             with torch.no_grad():
                 counts[lm] = pair.jacobian(x_test).abs_counts((0.005, 0.01, 0.02))
                 fvus[lm] = (fvu(pair.sae_in, x_test), fvu(pair.sae_out, pair.mlp(x_test)))
-            scores[lm] = (ce_loss_recovered(model, pair.sae_in, pair.cfg.hook_in, test_tokens)["ce_loss_score"],
-                          ce_loss_recovered(model, pair.sae_out, pair.cfg.hook_out, test_tokens)["ce_loss_score"])
+            scores[lm] = tuple(splice_metrics(hooks_splice_runner(model, site), sae, [test_tokens])["ce_loss_score"]
+                               for site, sae in ((pair.cfg.hook_in, pair.sae_in), (pair.cfg.hook_out, pair.sae_out)))
     finally:
         torch.set_num_threads(threads)
     print(f"\nJSAE |J| counts per token (of {k * k}): λ=0 {counts[0.0]}  λ={lam} {counts[lam]}; "
