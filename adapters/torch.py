@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import fnmatch
 import functools
 from collections.abc import Callable, Iterable, Iterator
@@ -189,8 +190,15 @@ class TorchBackend(ModuleSites):
         super().__init__(module, hook_names)
         self.hook_names_arg = hook_names
         self.manager: SAEManager | None = None
-        self.captures: list[SAECache] = []
+        self._captures = threading.local()  # a capture records the forward passes of the thread that opened it
         self._context_handle: Any = None
+
+    @property
+    def captures(self) -> list[SAECache]:
+        """The captures open in this thread (a forward in another thread must not write into them)."""
+        if not hasattr(self._captures, "open"):
+            self._captures.open = []
+        return self._captures.open
 
     def recorder(self, prefix: str) -> tuple[_CacheRecorder, Remover]:
         return _CacheRecorder(self, prefix), lambda: None

@@ -16,6 +16,9 @@ from .errors import ConfigError, did_you_mean
 #: Version of the native on-disk format written by :func:`sae_hooks.save`.
 FORMAT_VERSION = 1
 
+#: Largest width accepted in a config (bounds what a file can make us allocate; real SAEs are < 2**25).
+MAX_DIM = 2**31 - 1
+
 #: Input normalisations the Hub formats need. Each is undone after decoding, except for transcoders
 #: (whose output lives in another space), where only ``"scale"`` is undone.
 NORMALIZATIONS = ("none", "standardize", "norm_rescale", "scale")
@@ -118,12 +121,12 @@ class SAEConfig:
         self.dtype = dtype_name(self.dtype)
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_DIM:
+                raise ConfigError(f"{name} must be a positive integer <= {MAX_DIM}, got {value!r}")
         if self.d_out is not None and (
-            not isinstance(self.d_out, int) or isinstance(self.d_out, bool) or self.d_out <= 0
+            not isinstance(self.d_out, int) or isinstance(self.d_out, bool) or not 0 < self.d_out <= MAX_DIM
         ):
-            raise ConfigError(f"d_out must be a positive integer or None, got {self.d_out!r}")
+            raise ConfigError(f"d_out must be a positive integer <= {MAX_DIM} or None, got {self.d_out!r}")
         if self.k is not None and (
             not isinstance(self.k, int) or isinstance(self.k, bool) or not 0 < self.k <= self.d_sae
         ):

@@ -53,6 +53,10 @@ class HubUnavailableError(SAEHooksError, ConnectionError):
     """The Hub cannot be used (offline mode, or unreachable) and the local cache lacks what was asked for."""
 
 
+class FolderLockedError(SAEHooksError, BlockingIOError):
+    """Another writer (named in the message: PID, host, command) holds the lock of the folder being written."""
+
+
 class DegenerateDataError(SAEHooksError, ValueError):
     """Training data that cannot give a statistic the trainer needs (all zero, constant rows, a scale the
     training dtype cannot represent); the message names the statistic and the batch."""

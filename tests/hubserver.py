@@ -30,7 +30,9 @@ contents inline (base64) in the commit. With ``lfs_uploads=True`` it answers ``l
 client then uses the LFS batch API only if Xet is disabled (``huggingface_hub.constants.HF_HUB_DISABLE_XET``),
 because with ``hf_xet`` installed it would upload through the Xet protocol, which this server does not speak.
 
-Test knobs: :meth:`HubServer.truncate_next`, :meth:`HubServer.corrupt`, the request log
+Test knobs: :meth:`HubServer.truncate_next`, :meth:`HubServer.corrupt`, :meth:`HubServer.stall_next` (a body that
+stops arriving), :meth:`HubServer.fail_requests` (HTTP 5xx/429), :meth:`HubServer.stall_requests` (an API call that
+does not return), the request log
 :attr:`HubServer.requests`, and direct store edits (:meth:`create_repo`, :meth:`commit`, :meth:`tag`,
 :meth:`branch`).
 """
@@ -161,6 +163,8 @@ class _Fault:
     remaining: int | None  # None = forever
     n_bytes: int = 0
     mode: str = "drop"
+    seconds: float = 0.0
+    status: int = 0
 
     def matches(self, repo_id: str, path: str) -> bool:
         return self.path == path and (self.repo_id is None or self.repo_id == repo_id)
@@ -203,6 +207,7 @@ class HubServer:
         self._counter = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._release = threading.Event()  # set to end every stall now
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,6 +231,7 @@ class HubServer:
         """Stop serving and close the listening socket."""
         if self._httpd is None:
             return
+        self._release.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -349,10 +355,30 @@ class HubServer:
         with self._lock:
             self._faults.append(_Fault(repo_id, path, times, mode="corrupt"))
 
+    def stall_next(self, path: str, n_bytes: int, seconds: float, *, repo_id: str | None = None, times: int = 1) -> None:
+        """The next ``times`` GETs of file ``path``: send the headers and ``n_bytes`` of the body, then hang for
+        ``seconds`` (or until :meth:`clear_faults` / :meth:`stop`) and drop the connection (a stalled server)."""
+        with self._lock:
+            self._faults.append(_Fault(repo_id, path, times, n_bytes=n_bytes, mode="stall", seconds=seconds))
+
+    def fail_requests(self, url_part: str, status: int, *, times: int | None = 1) -> None:
+        """Answer the next ``times`` requests whose URL path contains ``url_part`` with HTTP ``status`` (e.g. 503,
+        429) before routing them; ``times=None``: until :meth:`clear_faults`."""
+        with self._lock:
+            self._faults.append(_Fault(None, url_part, times, mode="status", status=status))
+
+    def stall_requests(self, url_part: str, seconds: float, *, times: int | None = 1) -> None:
+        """Hold the next ``times`` requests whose URL path contains ``url_part`` for ``seconds`` before answering
+        (or until :meth:`clear_faults` / :meth:`stop`): a Hub API call that does not return."""
+        with self._lock:
+            self._faults.append(_Fault(None, url_part, times, mode="hold", seconds=seconds))
+
     def clear_faults(self) -> None:
-        """Forget every pending :meth:`truncate_next` / :meth:`corrupt`."""
+        """Forget every pending fault, and release requests being stalled."""
         with self._lock:
             self._faults.clear()
+            self._release.set()
+            self._release = threading.Event()
 
     def clear_requests(self) -> None:
         """Empty the request log, once every request already being handled has been logged.
@@ -389,10 +415,21 @@ class HubServer:
             self._inflight -= 1
             self._idle.notify_all()
 
+    def _take_request_fault(self, url_path: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.mode in ("status", "hold") and fault.path in url_path:
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                        if fault.remaining <= 0:
+                            self._faults.remove(fault)
+                    return fault
+        return None
+
     def _take_fault(self, repo_id: str, path: str) -> _Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.matches(repo_id, path):
+                if fault.mode not in ("status", "hold") and fault.matches(repo_id, path):
                     if fault.remaining is not None:
                         fault.remaining -= 1
                         if fault.remaining <= 0:
@@ -494,6 +531,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._sent = 0
         self.hub._begin()
         try:
+            fault = self.hub._take_request_fault(unquote(split.path))
+            if fault is not None and fault.mode == "hold":
+                self.hub._release.wait(fault.seconds)
+            if fault is not None and fault.mode == "status":
+                raise _HTTPError(fault.status, f"injected HTTP {fault.status}", headers={"Retry-After": "0"})
             self._route(method, [unquote(s) for s in split.path.split("/")[1:]])
         except _HTTPError as err:
             self._send_error(err)
@@ -659,6 +701,18 @@ class _Handler(BaseHTTPRequestHandler):
             data = bytes(b ^ 0xFF for b in data)
         body = data[start:end]
 
+        if fault is not None and fault.mode == "stall":
+            self._status = status
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body[: fault.n_bytes])
+            self.wfile.flush()
+            self._sent = min(fault.n_bytes, len(body))
+            self.hub._release.wait(fault.seconds)
+            self.close_connection = True
+            return
         if fault is not None and fault.mode in ("drop", "short"):
             cut = max(0, min(fault.n_bytes, len(body)))
             advertised = len(body) if fault.mode == "drop" else cut

@@ -10,12 +10,25 @@ Logging to wandb / tensorboard happens only when asked for and installed (import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .argtypes import (
+    device,
+    existing_dir,
+    existing_file,
+    nonnegative_float,
+    nonnegative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+)
 
 
 def _texts(files: list[str] | None) -> tuple[list[str], list[str]]:
@@ -42,9 +55,9 @@ def _token_batches(tok: Any, texts: list[str], args: argparse.Namespace) -> tupl
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="folder or Hub id of a Hugging Face causal LM (default: the embedded model)")
-    p.add_argument("--texts", nargs="*", help="text files (each one document); default: pydoc topics")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--texts", nargs="*", type=existing_file, help="text files (each one document); default: pydoc topics")
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")
 
 
 def _loggers(args: argparse.Namespace):  # noqa: ANN202
@@ -74,18 +87,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "distributed", None):
         from ..train.distributed import distributed_context
 
-        with distributed_context() as info:
+        with distributed_context(timeout=timedelta(seconds=args.dist_timeout)) as info:
             return _train(args, info)
     return _train(args, None)
 
 
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Checks that involve several arguments (each one alone was checked by its ``type=``)."""
+    if args.buffer_tokens < args.batch_tokens:
+        sys.exit(f"sae-hooks train: --buffer-tokens ({args.buffer_tokens}) must be >= --batch-tokens ({args.batch_tokens})")
+    if args.checkpoint_every is not None and not args.checkpoint_dir:
+        sys.exit("sae-hooks train: --checkpoint-every needs --checkpoint-dir")
+    if args.d_sae is not None and args.arch in ("topk", "batchtopk") and args.k > args.d_sae:
+        sys.exit(f"sae-hooks train: --k ({args.k}) must be <= --d-sae ({args.d_sae})")
+    if len(set(args.seeds)) != len(args.seeds):
+        sys.exit(f"sae-hooks train: --seeds has repeats: {args.seeds}")
+    if args.dist_timeout != _DIST_TIMEOUT and not args.distributed:
+        sys.exit("sae-hooks train: --dist-timeout applies only with --distributed")
+
+
+_DIST_TIMEOUT = 1800.0
+
+
 def _train(args: argparse.Namespace, dist_info: Any) -> int:
     """``sae-hooks train``; ``dist_info`` (a :class:`~.train.distributed.DistInfo`) under ``--distributed``."""
+    _check_train_args(args)
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    with contextlib.ExitStack() as locks:
+        if rank == 0:  # one run per output folder: a second run is refused now, naming this one
+            from .._atomic import folder_lock
+
+            for folder in dict.fromkeys(f for f in (args.checkpoint_dir, args.out) if f):
+                locks.enter_context(folder_lock(folder, timeout=0))
+        return _train_locked(args, dist_info, rank, world)
+
+
+def _train_locked(args: argparse.Namespace, dist_info: Any, rank: int, world: int) -> int:
     from ..saes.registry import make_sae, sae_class
     from ..train import DiskSource, LiveSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
     from ..train.trainer import pick_device
 
-    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     ddp = dist_info is not None and args.distributed == "ddp"
     device = pick_device(args.device) if dist_info is None or args.device else dist_info.device
     batch_tokens, buffer_tokens = args.batch_tokens, args.buffer_tokens
@@ -186,7 +227,7 @@ def cmd_save_activations(args: argparse.Namespace) -> int:
     model, tok = _load_model(args.model)
     texts, _ = _texts(args.texts)
     batches, bos = _token_batches(tok, texts, args)
-    if args.max_batches:
+    if args.max_batches is not None:
         batches = batches[: args.max_batches]
     bar = None
     if not args.no_progress:
@@ -261,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train SAEs in place (live model) or on captured activations")
     _add_text_args(t)
-    t.add_argument("--activations", help="folder written by `sae-hooks save-activations` (instead of a live model)")
+    t.add_argument("--activations", type=existing_dir, help="folder written by `sae-hooks save-activations` (instead of a live model)")
     from ..train.datasets import add_dataset_args
 
     add_dataset_args(t)
@@ -272,31 +313,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip", action="store_true", help="skip transcoders (a trained linear x @ W_skip path)")
     t.add_argument("--arch", default="topk", choices=_cli_architectures(),
                    help="architecture (every registered one with a training spec)")
-    t.add_argument("--d-sae", type=int)
-    t.add_argument("--expansion", type=int, default=8)
-    t.add_argument("--k", type=int, default=32)
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--batch-tokens", type=int, default=4096)
-    t.add_argument("--buffer-tokens", type=int, default=2**16)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--l1", type=float, default=5.0)
-    t.add_argument("--l0", type=float, default=0.5)
-    t.add_argument("--warmup", type=int, default=100)
-    t.add_argument("--dead-tokens", type=int, default=10_000_000)
+    t.add_argument("--d-sae", type=positive_int)
+    t.add_argument("--expansion", type=positive_int, default=8)
+    t.add_argument("--k", type=positive_int, default=32)
+    t.add_argument("--steps", type=positive_int, default=1000)
+    t.add_argument("--epochs", type=positive_int, default=1)
+    t.add_argument("--batch-tokens", type=positive_int, default=4096,
+                   help="tokens per step (a resumed run must use the checkpoint's value)")
+    t.add_argument("--buffer-tokens", type=positive_int, default=2**16)
+    t.add_argument("--lr", type=positive_float)
+    t.add_argument("--l1", type=nonnegative_float, default=5.0)
+    t.add_argument("--l0", type=nonnegative_float, default=0.5)
+    t.add_argument("--warmup", type=nonnegative_int, default=100)
+    t.add_argument("--dead-tokens", type=positive_int, default=10_000_000)
     t.add_argument("--optimizer", default="adam", choices=["adam", "pam-sgd"],
                    help="pam-sgd: closed-form decoder steps + Adam on the encoder (signed_topk, topk, relu)")
-    t.add_argument("--pam-round-steps", type=int, default=50, help="pam-sgd: encoder steps between decoder solves")
-    t.add_argument("--matryoshka-widths", type=int, nargs="+", help="matryoshka: nested prefix widths (d_sae is added)")
+    t.add_argument("--pam-round-steps", type=positive_int, default=50, help="pam-sgd: encoder steps between decoder solves")
+    t.add_argument("--matryoshka-widths", type=positive_int, nargs="+", help="matryoshka: nested prefix widths (d_sae is added)")
     t.add_argument("--capacities", choices=["uniform", "zipf"], help="feature_choice: per-feature token capacities")
     t.add_argument("--choice-aux", choices=["zipf", "k"], help="feature/mutual_choice: aux_zipf_loss or AuxK")
-    t.add_argument("--seeds", type=int, nargs="+", default=[0])
-    t.add_argument("--seed", type=int, default=0, help="buffer / data shuffling seed")
-    t.add_argument("--out", required=True)
-    t.add_argument("--checkpoint-dir")
-    t.add_argument("--checkpoint-every", type=int)
-    t.add_argument("--resume", help="checkpoint folder to resume from")
-    t.add_argument("--device")
+    t.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0])
+    t.add_argument("--seed", type=nonnegative_int, default=0, help="buffer / data shuffling seed")
+    t.add_argument("--out", required=True, type=output_dir)
+    t.add_argument("--checkpoint-dir", type=output_dir)
+    t.add_argument("--checkpoint-every", type=positive_int)
+    t.add_argument("--resume", type=existing_dir, help="checkpoint folder to resume from")
+    t.add_argument("--device", type=device)
     t.add_argument("--bf16", action="store_true", help="bf16 autocast for the model and the SAEs")
     t.add_argument("--wandb", metavar="PROJECT")
     t.add_argument("--tensorboard", metavar="LOGDIR")
@@ -304,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distributed", choices=["ddp", "shard"],
                    help="under torchrun: ddp = each rank its share of the data (--batch-tokens is global), "
                         "shard = each rank its subset of the SAEs (same data)")
+    t.add_argument("--dist-timeout", type=positive_float, default=_DIST_TIMEOUT, metavar="SECONDS",
+                   help="with --distributed: how long a rank waits for the others before failing (default 1800)")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("save-activations", aliases=["capture"],
@@ -311,23 +355,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_args(c)
     c.add_argument("--site", action="append", required=True,
                    help="a TransformerLens hook name, module path or path:input (repeatable)")
-    c.add_argument("--out", required=True)
-    c.add_argument("--shard-tokens", type=int, default=2**16)
-    c.add_argument("--max-batches", type=int)
+    c.add_argument("--out", required=True, type=output_dir)
+    c.add_argument("--shard-tokens", type=positive_int, default=2**16)
+    c.add_argument("--max-batches", type=positive_int)
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_save_activations)
 
     e = sub.add_parser("eval", help="FVU, L0, dead %%, ce_loss_score, KL of a saved SAE")
     _add_text_args(e)
-    e.add_argument("sae", help="native SAE folder")
+    e.add_argument("sae", type=existing_dir, help="native SAE folder")
     e.add_argument("--site", help="hook name, module path or path:input (default: the SAE's cfg.sites)")
-    e.add_argument("--batches", type=int, default=4)
+    e.add_argument("--batches", type=positive_int, default=4)
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="train a TopK SAE on the embedded model and report metrics")
-    d.add_argument("--steps", type=int, default=200)
-    d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--out", default="sae-hooks-demo", help="where the SAE (OUT/sae) and its dashboard (OUT/dashboard) go")
+    d.add_argument("--steps", type=positive_int, default=200)
+    d.add_argument("--threads", type=positive_int, default=2)
+    d.add_argument("--out", type=output_dir, default="sae-hooks-demo", help="where the SAE (OUT/sae) and its dashboard (OUT/dashboard) go")
     d.add_argument("--no-dashboard", action="store_true", help="skip building the dashboard")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
@@ -340,7 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    from ..errors import SAEHooksError
+
+    try:
+        return args.fn(args)
+    except SAEHooksError as e:  # a typed error already says what is wrong: no traceback
+        print(f"sae-hooks {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -81,9 +81,12 @@ class _LocalSource(_Source):
         return sorted(out)
 
     def peek(self, rel: str) -> dict[str, Any] | None:
+        from .._files import check_regular_file
+
+        check_regular_file(self.root / rel, "missing")  # a FIFO would block the read forever
         try:
             data = json.loads((self.root / rel).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
 
@@ -138,7 +141,9 @@ class _HubSource(_Source):
         try:
             path = self._download([rel])[rel]
             data = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
+        except SAEHooksError:
+            raise  # a corrupt download or an offline cache miss must say so, not "no format matches"
+        except (OSError, ValueError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
 
@@ -240,7 +245,12 @@ def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: 
     where = f"{source.where}:{prefix or '.'}"
     try:
         fmt = detect_format(rel, peek, where, fmt_name)
-    except SAEFormatError:
+    except SAEFormatError as e:
+        note = source.listing_note()
+        if note:  # offline with a partial cache: the cause is the cache, not the format
+            from ..errors import HubUnavailableError
+
+            raise HubUnavailableError(f"{e}{note}") from None
         if not sid:
             valid = [v for v in list_sae_ids(files) if v]
             if valid:
@@ -258,7 +268,16 @@ def _load_from(source: _Source, sae_id: str | None, fmt_name: str | None, opts: 
     opts.sae_id = opts.sae_id or sid or None
     opts.repo_id = opts.repo_id or source.repo_id
     target = folder / needed[0] if fmt.name in _FILE_FORMATS else folder
-    return fmt.load(target, opts)
+    try:
+        return fmt.load(target, opts)
+    except SAEHooksError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, ArithmeticError, RuntimeError, RecursionError) as e:
+        # A converter met something its checks did not foresee (malformed tensors, odd values): the file
+        # is at fault, so say which file and format instead of leaking a raw error.
+        raise SAEFormatError(
+            f"{where}: malformed {fmt.name} SAE ({type(e).__name__}: {e})"
+        ) from e
 
 
 def load(

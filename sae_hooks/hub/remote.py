@@ -21,13 +21,17 @@ Progress bars are ``huggingface_hub``'s own (silence them with ``HF_HUB_DISABLE_
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.utils import (  # re-exported there by every huggingface_hub >= 0.24
@@ -60,6 +64,7 @@ __all__ = [
     "upload_folder",
 ]
 
+T = TypeVar("T")
 DEFAULT_REVISION = "main"
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -113,6 +118,46 @@ def _offline(local_files_only: bool | None) -> bool:
     return is_offline() if local_files_only is None else bool(local_files_only)
 
 
+def hub_timeout() -> float:
+    """Seconds an API call (listing, refs) may take: ``SAE_HOOKS_HUB_TIMEOUT``, default 60.
+
+    ``huggingface_hub`` gives its API calls no timeout (a stalled server blocks them forever).
+    """
+    raw = os.environ.get("SAE_HOOKS_HUB_TIMEOUT", "").strip()
+    try:
+        value = float(raw) if raw else 60.0
+    except ValueError:
+        raise HubUnavailableError(f"SAE_HOOKS_HUB_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    return value if value > 0 else 60.0
+
+
+def _bounded(fn: Callable[[], T], what: str) -> T:
+    """``fn()`` run in a daemon thread; :class:`HubUnavailableError` if it takes longer than :func:`hub_timeout`.
+
+    The thread is left to finish (or fail) on its own: Python cannot interrupt a blocked socket read, but
+    the caller gets control back with a clear error.
+    """
+    limit = hub_timeout()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="sae-hooks-hub-call", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        raise HubUnavailableError(
+            f"{what}: no answer from {hub_endpoint()} within {limit:g} s (set SAE_HOOKS_HUB_TIMEOUT to wait longer)"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 # ---------------------------------------------------------------------------------------------- listing
 
 
@@ -140,7 +185,12 @@ def list_files(
             )
         return cached[1]
     try:
-        return sorted(_api(token).list_repo_files(repo_id, revision=rev, repo_type=repo_type, token=token))
+        return sorted(_bounded(
+            lambda: _api(token).list_repo_files(repo_id, revision=rev, repo_type=repo_type, token=token),
+            f"Listing {_repo_str(repo_id, repo_type)} at revision {rev!r}",
+        ))
+    except HubUnavailableError:
+        raise
     except Exception as err:  # noqa: BLE001 - mapped to typed errors, or re-raised
         _raise_typed(err, repo_id=repo_id, repo_type=repo_type, revision=rev, token=token, cache_dir=cache_dir)
         raise
@@ -192,6 +242,15 @@ def download_files(
     for name in names:
         before = _blob_names(storage)
         try:
+            if not offline and not _cached_pointer(storage, pinned, name):
+                commit = _fetch_blob_resumably(repo_id, name, repo_type=repo_type, revision=pinned, token=token,
+                                               storage=storage, endpoint=endpoint)
+                if commit and commit != pinned:  # one HEAD resolved the branch: the rest is fetched at that commit
+                    if not _COMMIT_RE.match(pinned):
+                        from .._atomic import atomic_write_bytes
+
+                        atomic_write_bytes(storage / "refs" / pinned, commit.encode())  # as hf_hub_download does
+                    pinned = commit
             local = Path(
                 hf_hub_download(
                     repo_id,
@@ -361,6 +420,127 @@ def upload_folder(
     return oid
 
 
+# ---------------------------------------------------------------------------------------------- resumable downloads
+
+_PARTIAL = ".sae-hooks.partial"
+_DOWNLOAD_ATTEMPTS = 6
+_STALE_INCOMPLETE_S = 600
+
+
+def _cached_pointer(storage: Path, revision: str, filename: str) -> bool:
+    """Whether ``filename`` at ``revision`` (a commit, or a ref as last seen) is already in the cache."""
+    commit = revision if _COMMIT_RE.match(revision) else None
+    if commit is None:
+        try:
+            commit = (storage / "refs" / revision).read_text().strip()
+        except OSError:
+            return False
+    return bool(commit) and (storage / "snapshots" / commit / filename).exists()
+
+
+def _fetch_blob_resumably(
+    repo_id: str, filename: str, *, repo_type: str, revision: str, token: str | bool | None, storage: Path,
+    endpoint: str,
+) -> str | None:
+    """Put the blob of ``filename`` in the cache, resuming cut downloads, before ``hf_hub_download`` links it.
+
+    ``huggingface_hub`` 2.x writes each download to a per-process temporary file that it deletes on failure, so a
+    download cut after its in-call retries, or by a killed process, restarts from byte 0. Here the bytes go to
+    ``blobs/<etag>.sae-hooks.partial``, kept across calls and processes (one writer at a time: a lock), extended with
+    ``Range`` requests until complete, then checked (size, then sha256 or git blob sha1 against the etag) and renamed
+    to ``blobs/<etag>``. ``hf_hub_download`` then finds the blob and only creates the snapshot link. Files served
+    through Xet, or without an etag/size, are left to ``huggingface_hub``. Returns the commit the Hub resolved.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=endpoint)
+    meta = _bounded(lambda: get_hf_file_metadata(url, token=token, timeout=hub_timeout(), endpoint=endpoint),
+                    f"Looking up {filename!r} in {_repo_str(repo_id, repo_type)}")
+    etag, size, commit = meta.etag, meta.size, meta.commit_hash
+    if not etag or size is None or getattr(meta, "xet_file_data", None) is not None or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag):
+        return commit
+    blobs = storage / "blobs"
+    blob = blobs / etag
+    if blob.exists():
+        return commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    partial = blobs / (etag + _PARTIAL)
+    from .._atomic import folder_lock
+
+    with folder_lock(partial, timeout=max(hub_timeout(), 600.0)):
+        if blob.exists():  # another process finished it while we waited
+            return commit
+        _remove_stale_incomplete(blobs, etag)
+        last_error: BaseException | None = None
+        for attempt in range(_DOWNLOAD_ATTEMPTS):
+            have = partial.stat().st_size if partial.exists() else 0
+            if have > size:
+                have = 0
+                partial.unlink()
+            if have == size:
+                break
+            headers = build_hf_headers(token=token)
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            try:
+                with get_session().stream("GET", meta.location or url, headers=headers, follow_redirects=True,
+                                          timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+                    if response.status_code == 416:  # our partial is not a prefix of this file: start over
+                        partial.unlink(missing_ok=True)
+                        continue
+                    hf_raise_for_status(response)
+                    append = bool(have) and response.status_code == 206
+                    with open(partial, "ab" if append else "wb") as f:
+                        for chunk in response.iter_bytes():  # as received: a cut keeps every byte
+                            f.write(chunk)
+                        f.flush()
+                        os.fsync(f.fileno())
+                last_error = None
+            except HfHubHTTPError as err:
+                status = _http_status(err)
+                if status is None or (status < 500 and status != 429):
+                    raise
+                last_error = err
+            except Exception as err:  # noqa: BLE001 - network errors of httpx/httpx2: retried, bytes kept
+                if type(err).__module__.split(".")[0] not in _NETWORK_ERROR_MODULES:
+                    raise
+                last_error = err
+            if attempt:
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+        have = partial.stat().st_size if partial.exists() else 0
+        if have != size:
+            why = f" ({type(last_error).__name__}: {last_error})" if last_error else ""
+            raise HubUnavailableError(
+                f"Download of {filename!r} from {_repo_str(repo_id, repo_type)} stopped at {have:,} of {size:,} bytes "
+                f"after {_DOWNLOAD_ATTEMPTS} attempts{why}. The bytes received are kept in the cache; calling again "
+                "resumes from there."
+            )
+        algo, actual = ("sha256", _sha256(partial)) if len(etag) == 64 else ("git-sha1", _git_blob_sha1(partial))
+        if actual != etag:
+            partial.unlink(missing_ok=True)
+            raise CorruptDownloadError(
+                f"Downloaded {filename!r} from {repo_id!r} (revision {revision!r}) does not match the hash the Hub "
+                f"advertised: expected {algo} {etag}, got {actual}. The bad copy was deleted from the cache; "
+                "downloading again fetches it afresh."
+            )
+        from .._atomic import _fix_modes
+
+        _fix_modes(partial)  # readable by the group/others as the umask allows, like the rest of the cache
+        os.replace(partial, blob)
+    return commit
+
+
+def _remove_stale_incomplete(blobs: Path, etag: str) -> None:
+    """``huggingface_hub``'s own ``<etag>.<id>.incomplete`` files left by killed processes (never resumed)."""
+    now = time.time()
+    for name in os.listdir(blobs):
+        if name.startswith(etag + ".") and name.endswith(".incomplete"):
+            with contextlib.suppress(OSError):
+                if now - os.stat(blobs / name).st_mtime > _STALE_INCOMPLETE_S:
+                    os.unlink(blobs / name)
+
+
 # ---------------------------------------------------------------------------------------------- integrity
 
 
@@ -432,6 +612,21 @@ def _verify_new_blob(
 # ---------------------------------------------------------------------------------------------- errors
 
 
+def _http_status(err: BaseException) -> int | None:
+    """The HTTP status behind ``err`` or the errors it was raised from (``huggingface_hub`` wraps a failed HEAD
+    into ``LocalEntryNotFoundError``), if any."""
+    seen = 0
+    e: BaseException | None = err
+    while e is not None and seen < 10:
+        response = getattr(e, "response", None)
+        code = getattr(response, "status_code", None)
+        if isinstance(code, int):
+            return code
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
 def _repo_str(repo_id: str, repo_type: str) -> str:
     return repr(repo_id) if repo_type == "model" else f"{repo_type} {repo_id!r}"
 
@@ -454,7 +649,9 @@ def _closest_first(name: str, candidates: Sequence[str]) -> list[str]:
 
 def _safe_list(repo_id: str, repo_type: str, revision: str, token: str | bool | None) -> list[str]:
     try:
-        return sorted(_api(token).list_repo_files(repo_id, revision=revision, repo_type=repo_type, token=token))
+        return sorted(_bounded(
+            lambda: _api(token).list_repo_files(repo_id, revision=revision, repo_type=repo_type, token=token), "listing"
+        ))
     except Exception:  # noqa: BLE001 - best effort, for an error message
         return []
 
@@ -487,7 +684,7 @@ def _files_under(folder: Path) -> list[str]:
 
 def _refs_hint(repo_id: str, repo_type: str, token: str | bool | None) -> str:
     try:
-        refs = _api(token).list_repo_refs(repo_id, repo_type=repo_type, token=token)
+        refs = _bounded(lambda: _api(token).list_repo_refs(repo_id, repo_type=repo_type, token=token), "refs")
     except Exception:  # noqa: BLE001 - best effort, for an error message
         return ""
     branches = [b.name for b in refs.branches]
@@ -528,6 +725,14 @@ def _raise_typed(
         raise HubRevisionNotFoundError(
             f"Revision {revision!r} does not exist in {_repo_str(repo_id, repo_type)}."
             + _refs_hint(repo_id, repo_type, token)
+        ) from err
+    status = _http_status(err)
+    if status is not None and (status >= 500 or status == 429):
+        what = repr(filename) if filename else "the file list"
+        kind = "is rate-limiting requests" if status == 429 else "had a server error"
+        raise HubUnavailableError(
+            f"Cannot get {what} from {where}: the Hub at {hub_endpoint()} {kind} (HTTP {status}). "
+            "Try again later; files already downloaded stay in the cache."
         ) from err
     if isinstance(err, LocalEntryNotFoundError) or isinstance(err, OfflineModeIsEnabled):
         cache = hub_cache_dir(cache_dir).resolve()  # huggingface_hub returns resolved paths

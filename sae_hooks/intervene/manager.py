@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, Union
 
@@ -211,11 +212,24 @@ class SAEManager:
         self.backend = backend
         self.convert = convert  # another library's in-memory SAE -> ours (given by the adapter), or None
         self.attachments: list[Attachment] = []
-        self.context = ForwardContext()
-        self._generating = False
-        self._consumed = 0
-        self._history: Tensor | None = None
-        self._seq = 0
+        # Per-forward state (tokens, positions, generation counters) is per thread: one attached model run
+        # from several threads must not read another call's tokens or positions (silently wrong outputs).
+        self._local = threading.local()
+
+    def _state(self) -> Any:
+        st = self._local
+        if not hasattr(st, "context"):
+            st.context, st.generating, st.consumed, st.history, st.seq = ForwardContext(), False, 0, None, 0
+        return st
+
+    @property
+    def context(self) -> ForwardContext:
+        """What the adapter knows about the forward pass running in this thread."""
+        return self._state().context
+
+    @context.setter
+    def context(self, value: ForwardContext) -> None:
+        self._state().context = value
 
     # Public API (bound onto the model by adapters) ------------------------------------------------
 
@@ -455,13 +469,14 @@ class SAEManager:
     @contextlib.contextmanager
     def generation(self) -> Iterator[None]:
         """Track absolute positions while a ``generate`` call feeds the model step by step."""
-        outer = self._generating
-        self._generating, self._consumed, self._history = True, 0, None
+        st = self._state()
+        outer = st.generating
+        st.generating, st.consumed, st.history = True, 0, None
         try:
             yield
         finally:
-            self._generating = outer
-            self.context = ForwardContext()
+            st.generating = outer
+            st.context = ForwardContext()
 
     def begin_forward(self, tokens: Tensor | None, seq: int, attention_mask: Tensor | None = None) -> None:
         """Called by adapters once per forward pass, before the first site runs.
@@ -469,28 +484,30 @@ class SAEManager:
         ``tokens`` may be ``None`` when the forward starts from embeddings; :meth:`observe_tokens`
         can supply them later (e.g. from the embedding module).
         """
+        st = self._state()
         offset = 0
-        if self._generating:
+        if st.generating:
             # With a KV cache each step feeds only new tokens; without one each step re-feeds the
             # whole sequence (seq grows past what was consumed), which starts again at position 0.
-            if self._consumed and seq > 1 and seq > self._consumed:
-                self._consumed = 0
-            offset = self._consumed
-            self._consumed += seq
-        self.context = ForwardContext(tokens=None, attention_mask=attention_mask, position_offset=offset)
-        self._seq = seq
+            if st.consumed and seq > 1 and seq > st.consumed:
+                st.consumed = 0
+            offset = st.consumed
+            st.consumed += seq
+        st.context = ForwardContext(tokens=None, attention_mask=attention_mask, position_offset=offset)
+        st.seq = seq
         if tokens is not None:
             self.observe_tokens(tokens)
 
     def observe_tokens(self, tokens: Tensor) -> None:
         """Token ids fed to the model in this forward (all of them, or only the new ones in generation)."""
-        if self._generating:
-            history = self._history
-            full = history is None or history.shape[0] != tokens.shape[0] or tokens.shape[-1] >= self._seq
-            self._history = tokens if full else torch.cat([history, tokens], -1)
-            tokens = self._history
-        if tokens.shape[-1] >= self._seq:
-            self.context.tokens = tokens[:, -self._seq:]
+        st = self._state()
+        if st.generating:
+            history = st.history
+            full = history is None or history.shape[0] != tokens.shape[0] or tokens.shape[-1] >= st.seq
+            st.history = tokens if full else torch.cat([history, tokens], -1)
+            tokens = st.history
+        if tokens.shape[-1] >= st.seq:
+            st.context.tokens = tokens[:, -st.seq:]
 
     # Internals -----------------------------------------------------------------------------------
 
@@ -553,14 +570,15 @@ class SAEManager:
         return fn
 
     def _transcoder_fns(self, intervention: SiteIntervention, recorder: Recorder):  # noqa: ANN202
-        stash: dict[str, Tensor] = {}
+        stash = threading.local()  # the input of the forward pass running in this thread
 
         def read_input(x: Tensor) -> None:
-            stash["x"] = x
+            stash.x = x
             return None
 
         def write_output(y: Tensor) -> Tensor | None:
-            x = stash.pop("x", None)
+            x = getattr(stash, "x", None)
+            stash.x = None
             if x is None:
                 raise SAEHooksError("transcoder output site ran before its input site in this forward pass")
             return intervention(x, self.context, recorder, x_out=y)

@@ -112,12 +112,19 @@ class ShuffleBuffer:
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """``(json_state, tensors)``: the source position and counters, and the buffered rows + RNG."""
-        meta = {"source": self.source.state_dict(), "exhausted": self.exhausted, "tokens_served": self.tokens_served}
+        meta = {"source": self.source.state_dict(), "exhausted": self.exhausted, "tokens_served": self.tokens_served,
+                "batch_tokens": self.batch_tokens}
         tensors = {f"rows.{s}": t.contiguous().cpu() for s, t in self.rows.items()}
         tensors["generator"] = self.generator.get_state()
         return meta, tensors
 
     def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        saved = meta.get("batch_tokens")
+        if saved is not None and saved != self.batch_tokens:  # another batch size would not continue the same run
+            raise ConfigError(
+                f"the checkpoint was taken with batch_tokens={saved}, this buffer serves {self.batch_tokens}; "
+                f"resume with the same batch size (--batch-tokens {saved})"
+            )
         self.source.load_state_dict(meta["source"])
         self.exhausted = bool(meta["exhausted"])
         self.tokens_served = int(meta["tokens_served"])

@@ -31,9 +31,9 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .._atomic import atomic_dir
-from .._files import read_json
-from ..errors import SAEFormatError, ShapeMismatchError
+from .._atomic import atomic_dir, recover
+from .._files import check_regular_file, read_json
+from ..errors import ConfigError, SAEFormatError, ShapeMismatchError
 from ..sites import SiteHooks, site_hooks
 
 Chunk = dict[str, Tensor]
@@ -286,6 +286,8 @@ def save_activations(
     aligned across sites, ``shard_tokens`` rows each except the last) and ``manifest.json``. The
     folder appears atomically when writing finishes. (The CLI: ``sae-hooks save-activations``.) Returns ``out_dir``.
     """
+    if not isinstance(shard_tokens, int) or isinstance(shard_tokens, bool) or shard_tokens <= 0:
+        raise ConfigError(f"capture: shard_tokens must be a positive integer, got {shard_tokens!r}")
     reader = ActivationReader(model, sites, out_dtype=dtype, out_device="cpu", **reader_kwargs)
     out_dir = Path(out_dir)
     shards: list[dict[str, Any]] = []
@@ -317,6 +319,8 @@ def save_activations(
                 progress(chunk[reader.sites[0]].shape[0])
             flush(tmp, final=False)
         flush(tmp, final=True)
+        if not shards:
+            raise ConfigError(f"capture: no activations to write to {out_dir} (no token batches, or every token filtered out)")
         manifest = {
             "format": "sae_hooks.activations",
             "version": 1,
@@ -331,10 +335,71 @@ def save_activations(
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    manifest = read_json(Path(path) / MANIFEST, f"no {MANIFEST}; not an activation folder written by save_activations()")
+    """The manifest of a folder written by :func:`save_activations`, every field checked (types, counts, sums)."""
+    recover(path)
+    file = Path(path) / MANIFEST
+    manifest = read_json(file, f"no {MANIFEST}; not an activation folder written by save_activations()")
     if manifest.get("format") != "sae_hooks.activations":
-        raise SAEFormatError(f"{Path(path) / MANIFEST}: not a sae_hooks activation manifest")
+        raise SAEFormatError(f"{file}: not a sae_hooks activation manifest")
+
+    def bad(what: str) -> SAEFormatError:
+        return SAEFormatError(f"{file}: {what}")
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    sites, widths, shards = manifest.get("sites"), manifest.get("widths"), manifest.get("shards")
+    if not isinstance(sites, list) or not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) != len(sites):
+        raise bad(f"'sites' must be a non-empty list of distinct names, got {sites!r}")
+    if not isinstance(widths, dict) or sorted(widths) != sorted(sites):
+        raise bad(f"'widths' must give a width for every site {sites}, got {widths!r}")
+    if not all(count(w) and w > 0 for w in widths.values()):
+        raise bad(f"'widths' must be positive integers, got {widths!r}")
+    if manifest.get("dtype") not in _DISK_DTYPES:
+        raise bad(f"'dtype' must be one of {sorted(_DISK_DTYPES)}, got {manifest.get('dtype')!r}")
+    if not isinstance(shards, list):
+        raise bad(f"'shards' must be a list, got {type(shards).__name__}")
+    names = set()
+    for i, sh in enumerate(shards):
+        if not isinstance(sh, dict) or not isinstance(sh.get("file"), str) or not count(sh.get("tokens")):
+            raise bad(f"shard #{i} must be {{'file': name, 'tokens': count >= 0}}, got {sh!r}")
+        name = sh["file"]
+        if "/" in name or "\\" in name or name in ("", ".", "..") or name in names:
+            raise bad(f"shard #{i} has an invalid or repeated file name {name!r}")
+        names.add(name)
+    total = sum(sh["tokens"] for sh in shards)
+    if manifest.get("tokens") != total:
+        raise bad(f"'tokens' is {manifest.get('tokens')!r} but the shards hold {total} tokens")
     return manifest
+
+
+_DISK_DTYPES = {"float32", "float16", "bfloat16", "float64"}
+
+
+def _check_shards(path: Path, manifest: dict[str, Any], sites: Sequence[str]) -> None:
+    """Every shard exists and holds ``(tokens, width)`` floating tensors for ``sites`` (headers only)."""
+    for sh in manifest["shards"]:
+        file = path / sh["file"]
+        check_regular_file(file, "shard listed in the manifest is missing")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                keys = set(f.keys())
+                for s in sites:
+                    if s not in keys:
+                        raise SAEFormatError(f"{file}: no tensor for site {s!r} (has {sorted(keys)})")
+                    sl = f.get_slice(s)
+                    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                    want = (sh["tokens"], manifest["widths"][s])
+                    if shape != want:
+                        raise SAEFormatError(
+                            f"{file}: tensor {s!r} has shape {shape}, the manifest says {want} (tokens, width)"
+                        )
+                    if dtype not in ("F32", "F16", "BF16", "F64"):
+                        raise SAEFormatError(f"{file}: tensor {s!r} has dtype {dtype}; activations must be floating point")
+        except SAEFormatError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt headers
+            raise SAEFormatError(f"{file}: cannot read shard (truncated or corrupt?): {e}") from None
 
 
 class DiskSource:
@@ -359,6 +424,10 @@ class DiskSource:
         unknown = [s for s in self.sites if s not in available]
         if unknown:
             raise SAEFormatError(f"{self.path}: no activations for sites {unknown}; the folder has {available}")
+        _check_shards(self.path, self.manifest, self.sites)
+        for name, value in (("epochs", epochs), ("chunk_tokens", chunk_tokens)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"DiskSource: {name} must be a positive integer, got {value!r}")
         self.shuffle, self.seed, self.epochs = shuffle, seed, epochs
         self.chunk_tokens = chunk_tokens
         self.position = 0
@@ -389,6 +458,13 @@ class DiskSource:
                 data = {s: f.get_tensor(s) for s in self.sites}
         except FileNotFoundError:
             raise SAEFormatError(f"{file}: shard listed in the manifest is missing") from None
+        except Exception as e:  # noqa: BLE001 - changed or truncated since the header check
+            raise SAEFormatError(f"{file}: cannot read shard (truncated or corrupt?): {e}") from None
+        want = (self.manifest["shards"][shard]["tokens"],)
+        for s, t in data.items():
+            if tuple(t.shape) != (*want, self.manifest["widths"][s]):
+                raise SAEFormatError(f"{file}: tensor {s!r} has shape {tuple(t.shape)}, the manifest says "
+                                     f"{(*want, self.manifest['widths'][s])}")
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 65_537 + shard)
             perm = torch.randperm(data[self.sites[0]].shape[0], generator=g)

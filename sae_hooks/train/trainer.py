@@ -673,9 +673,22 @@ class Trainer:
         return _ckpt.load_checkpoint(self, path, buffer)
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Save every entry's final model (native format; a Jacobian pair its pair folder) to ``out_dir/<name>``."""
+        """Save every entry's final model (native format; a Jacobian pair its pair folder) to ``out_dir/<name>``,
+        all or none: the folders are swapped in as one unit (a kill mid-save leaves every old folder or every new
+        one, see :func:`sae_hooks._atomic.atomic_dirs`)."""
+        from .._atomic import atomic_dirs
+        from ..native import write_folder
+
         out = Path(out_dir)
-        return {e.name: e.save(out / e.name) for e in self.entries}
+        paths = {e.name: out / e.name for e in self.entries}
+        finals = [e.final() for e in self.entries]
+        with atomic_dirs(list(paths.values())) as tmps:
+            for model, tmp in zip(finals, tmps):
+                if type(model).save is SAE.save:
+                    write_folder(model, tmp)  # plainly: the set is what is swapped in atomically
+                else:
+                    model.save(tmp)  # e.g. a Jacobian pair's folder
+        return paths
 
 
 def _summary(results: dict[str, dict[str, float] | None], rate: float) -> dict[str, str]:

@@ -158,10 +158,14 @@ def get(cfg: dict[str, Any], key: str, types: type | tuple[type, ...], source: s
     return value
 
 
+#: Largest size (a width, a count) read from a file: bounds allocations before they happen.
+MAX_SIZE = 2**31 - 1
+
+
 def positive_int(cfg: dict[str, Any], key: str, source: str, default: Any = _MISSING) -> Any:
     value = get(cfg, key, int, source, default)
-    if value is not None and value is not default and value <= 0:
-        raise SAEFormatError(f"{source}: config key {key!r} must be a positive integer, got {value!r}")
+    if value is not None and value is not default and not 0 < value <= MAX_SIZE:
+        raise SAEFormatError(f"{source}: config key {key!r} must be a positive integer <= {MAX_SIZE}, got {value!r}")
     return value
 
 

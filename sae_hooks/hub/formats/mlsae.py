@@ -30,6 +30,7 @@ from ..._files import expect_object, read_json
 from ._common import LoadOptions, build, check_shape, file_dtype, get, make_site, positive_int, t_, tensor, read_config_and_safetensors
 
 NAME = "mlsae"
+MAX_LAYERS = 10_000
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
@@ -96,6 +97,8 @@ def load(folder: str | Path, opts: LoadOptions | None = None) -> SAE:
              "b_dec": b_pre}
     where = "/".join(p for p in (opts.repo_id or "", opts.sae_id or "", str(folder)) if p)
     n_layers = c["n_layers"] or opts.n_layers or n_layers_from_name(where)
+    if n_layers is not None and not 0 < n_layers <= MAX_LAYERS:  # one Site object per layer: bound it first
+        raise SAEFormatError(f"{source}: n_layers={n_layers} is not in [1, {MAX_LAYERS}]")
     model = opts.model_name or c["model_name"]
     if model is None:
         m = re.search(r"(pythia-\d+(?:\.\d+)?[mb](?:-deduped)?)", where)

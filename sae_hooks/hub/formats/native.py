@@ -24,8 +24,17 @@ def detect(files: list[str], peek: Callable[[str], dict[str, Any] | None] | None
         return False
     if peek is None:
         return True
-    cfg = peek(CONFIG)
-    return isinstance(cfg, dict) and cfg.get("format") == NAME
+    return looks_native(peek(CONFIG))
+
+
+def looks_native(cfg: Any) -> bool:
+    """Ours: ``"format": "sae_hooks"``, or the key lost but our keys there (then the native reader says
+    what is missing, instead of another format complaining about tensor names)."""
+    if not isinstance(cfg, dict):
+        return False
+    if "format" in cfg:
+        return cfg["format"] == NAME
+    return "format_version" in cfg or {"architecture", "d_in", "d_sae", "sites"} <= cfg.keys()
 
 
 def needed(files: list[str]) -> list[str]:

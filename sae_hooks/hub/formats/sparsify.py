@@ -46,8 +46,9 @@ def detect(files: list[str], peek: Callable[[str], dict[str, Any] | None] | None
         return False
     if peek is None:
         return True
-    cfg = peek(CONFIG)
-    return not (isinstance(cfg, dict) and cfg.get("format") == "sae_hooks")
+    from .native import looks_native
+
+    return not looks_native(peek(CONFIG))
 
 
 def needed(files: list[str]) -> list[str]:

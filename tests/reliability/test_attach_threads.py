@@ -1,0 +1,127 @@
+"""One attached model used from several threads at once gives every call the outputs and captures it
+gets alone: the per-forward state (tokens for ``skip_tokens``, positions, captures) belongs to the
+thread running the forward pass."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import tiny_hf_gpt2
+from sae_hooks.adapters.torch import attach
+from sae_hooks.saes.registry import make_sae
+
+N_THREADS, CALLS = 4, 12
+
+
+def _sae() -> torch.nn.Module:
+    torch.manual_seed(3)
+    sae = make_sae("relu", 32, 64)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    return sae
+
+
+def _inputs() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(N_THREADS * CALLS):
+        ids = torch.randint(1, 100, (2, 6 + i % 5), generator=g)
+        ids[:, (i % 3) + 1] = 7  # the skipped token, at a different position in each input
+        out.append(ids)
+    return out
+
+
+def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad(), model.sae_capture("*.hook_sae_acts_post") as cache:
+        logits = model(ids).logits
+    (acts,) = cache.values()
+    return logits, acts
+
+
+def test_concurrent_calls_equal_their_single_thread_results() -> None:
+    torch.set_num_threads(1)
+    model = attach(tiny_hf_gpt2())
+    model.add_sae(_sae(), site="transformer.h.0", skip_tokens=[7], error_term=False)
+    inputs = _inputs()
+    expected = [_run(model, ids) for ids in inputs]  # one at a time
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(N_THREADS)
+
+    def worker(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(t, len(inputs), N_THREADS):
+                got[i] = _run(model, inputs[i])
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert errors == []
+    wrong = [i for i in range(len(inputs))
+             if not (torch.equal(got[i][0], expected[i][0]) and torch.equal(got[i][1], expected[i][1]))]
+    assert wrong == [], f"{len(wrong)} of {len(inputs)} concurrent calls differ from their single-thread result"
+    # The skipped token really was skipped (no latents there), so the test exercises the token filter.
+    ids, (_, acts) = inputs[0], expected[0]
+    assert bool((acts[ids == 7] == 0).all()) and bool((acts[ids != 7] != 0).any())
+
+
+def test_a_capture_records_only_its_own_thread(tmp_path) -> None:  # noqa: ANN001
+    model = attach(tiny_hf_gpt2())
+    model.add_sae(_sae(), site="transformer.h.0")
+    started, done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        started.set()
+        with torch.no_grad():
+            while not done.is_set():
+                model(torch.randint(1, 100, (1, 9)))
+
+    th = threading.Thread(target=other)
+    th.start()
+    started.wait()
+    try:
+        for _ in range(10):
+            ids = torch.randint(1, 100, (3, 5))
+            with torch.no_grad(), model.sae_capture("*.hook_sae_acts_post") as cache:
+                model(ids)
+            (acts,) = cache.values()
+            assert acts.shape[:2] == (3, 5)  # never the other thread's (1, 9) forward
+    finally:
+        done.set()
+        th.join(timeout=60)
+
+
+@pytest.mark.parametrize("n", [2])
+def test_generation_state_is_per_thread(n: int) -> None:
+    """Two threads generating with one attached model keep their own absolute positions."""
+    model = attach(tiny_hf_gpt2())
+    att = model.add_sae(_sae(), site="transformer.h.0", error_term=True)
+    att.steer(3, 2.0, positions=[4])  # steer only absolute position 4
+    prompts = [torch.randint(1, 100, (1, 3), generator=torch.Generator().manual_seed(s)) for s in range(n)]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        alone = [model.generate(p, **kw) for p in prompts]
+    got: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(n)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        with torch.no_grad():
+            got[i] = model.generate(prompts[i], **kw)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    for i in range(n):
+        assert torch.equal(got[i], alone[i])
