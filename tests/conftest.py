@@ -32,6 +32,50 @@ def tiny_hf_gpt2(seed: int = 0):
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+SMALL = dict(vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, head_dim=8, **SMALL)
+
+
+def hf_family_cases():
+    """``{family: (config, model class, architecture name)}``: tiny randomly initialised HF models of every
+    family the site layer translates (needs transformers)."""
+    import transformers
+
+    t = transformers
+    return {
+        "gpt2": (t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **SMALL), t.GPT2LMHeadModel, "GPT2LMHeadModel"),
+        "gpt_neox": (t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=64, **SMALL), t.GPTNeoXForCausalLM, "GPTNeoXForCausalLM"),
+        "gpt_neox_sequential": (t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=64,
+                                                use_parallel_residual=False, **SMALL),
+                                t.GPTNeoXForCausalLM, "GPTNeoXForCausalLM"),
+        "llama": (t.LlamaConfig(**DECODER), t.LlamaForCausalLM, "LlamaForCausalLM"),
+        "mistral": (t.MistralConfig(**DECODER), t.MistralForCausalLM, "MistralForCausalLM"),
+        "qwen2": (t.Qwen2Config(**DECODER), t.Qwen2ForCausalLM, "Qwen2ForCausalLM"),
+        "qwen3": (t.Qwen3Config(**DECODER), t.Qwen3ForCausalLM, "Qwen3ForCausalLM"),
+        "gemma2": (t.Gemma2Config(**DECODER), t.Gemma2ForCausalLM, "Gemma2ForCausalLM"),
+        "gemma3_text": (t.Gemma3TextConfig(**DECODER), t.Gemma3ForCausalLM, "Gemma3ForCausalLM"),
+        "bert": (t.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=64, **SMALL), t.BertForMaskedLM, "BertForMaskedLM"),
+    }
+
+
+def randomize_norms(model, seed: int = 0) -> None:
+    """Random non-trivial norm weights and biases, so pre- and post-affine values differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm) or "Norm" in type(mod).__name__:
+                w = getattr(mod, "weight", None)
+                if isinstance(w, torch.Tensor):
+                    w.copy_((0.0 if "Gemma" in type(mod).__name__ else 1.0) + 0.5 * torch.randn(w.shape, generator=g))
+                b = getattr(mod, "bias", None)
+                if isinstance(b, torch.Tensor):
+                    b.copy_(0.3 * torch.randn(b.shape, generator=g))
+
+
 def build_tl_model(kind: str):
     """A tiny TransformerLens model of the given kind, or skip when this TL version lacks it."""
     major = tl_major()

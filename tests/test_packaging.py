@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_subpackage_is_declared():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert len(config["packages"]) == len(set(config["packages"])), "a package is declared twice"
     declared = set(config["packages"])
     on_disk = {
         ".".join(p.parent.relative_to(ROOT).parts)

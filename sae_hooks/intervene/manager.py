@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..errors import HookNotFoundError, SAEHooksError, ShapeMismatchError
 from ..saes.base import SAE
+from ..sites import ModuleSites
 from .functions import (
     AblationMode,
     ForwardContext,
@@ -497,14 +498,18 @@ class SAEManager:
             return [self.backend.resolve(s) for s in ([site] if isinstance(site, str) else site)]
         if not sae.cfg.sites or any(s.hook is None and s.module is None for s in sae.cfg.sites):
             raise SAEHooksError("this SAE records no site it was trained on; pass site=<hook name or module path>")
+        # On a module-based backend the recorded module path is the tensor the SAE was trained on (a format
+        # may name ``lnN.hook_normalized`` for the norm's output); on a TransformerLens model, the hook name.
+        module_first = isinstance(self.backend, ModuleSites)
         out = []
         for s in sae.cfg.sites:
+            first, second = (s.module, s.hook) if module_first else (s.hook, s.module)
             try:
-                out.append(self.backend.resolve(s.hook or s.module))
+                out.append(self.backend.resolve(first or second))
             except HookNotFoundError:
-                if not (s.hook and s.module):
+                if not (first and second):
                     raise
-                out.append(self.backend.resolve(s.module))
+                out.append(self.backend.resolve(second))
         return out
 
     def _splice_sites(self, splice: SpliceSpec, sites: list[str]) -> set[str]:

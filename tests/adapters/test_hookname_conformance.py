@@ -20,7 +20,7 @@ from sae_hooks.sites.names import hook_names
 transformers = pytest.importorskip("transformers")
 bridge_builder = pytest.importorskip("transformer_lens.model_bridge.sources._bridge_builder")
 
-from test_hooknames import _cases, randomize_norms  # noqa: E402
+from conftest import hf_family_cases as _cases, randomize_norms  # noqa: E402
 
 FAMILIES = list(_cases())
 

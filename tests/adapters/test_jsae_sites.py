@@ -15,7 +15,7 @@ from sae_hooks.saes.jacobian import make_jsae_pair
 from sae_hooks.train.jsae import check_mlp_input
 
 transformers = pytest.importorskip("transformers")
-from test_hooknames import _cases, randomize_norms  # noqa: E402
+from conftest import hf_family_cases as _cases, randomize_norms  # noqa: E402
 
 
 def _model(name):

@@ -121,7 +121,10 @@ def test_reconstruction_metrics_pool_batches() -> None:
     x = torch.cat(xs)
     x_hat = sae(x)
     manual = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
-    assert r["fvu"] == pytest.approx(manual, rel=1e-5) and r["fvu"] == pytest.approx(fvu(x, x_hat), rel=1e-9)
+    # pooling: the same per-batch reconstructions give the FVU of the concatenation (to float64 rounding);
+    # a forward over the concatenation may round differently in float32 (thread-count dependent)
+    per_batch = torch.cat([sae(b) for b in xs])
+    assert r["fvu"] == pytest.approx(manual, rel=1e-5) and r["fvu"] == pytest.approx(fvu(x, per_batch), rel=1e-9)
     lat = sae.encode(x)
     assert r["l0"] == pytest.approx((lat != 0).sum(-1).float().mean().item())
     assert r["dead_fraction"] == pytest.approx((lat == 0).all(0).float().mean().item())

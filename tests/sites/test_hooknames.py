@@ -29,30 +29,7 @@ from sae_hooks.sites.names import (
 transformers = pytest.importorskip("transformers")
 bridge_builder = pytest.importorskip("transformer_lens.model_bridge.sources._bridge_builder")
 
-SMALL = dict(vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, head_dim=8, **SMALL)
-
-
-def _cases():
-    t = transformers
-    return {
-        "gpt2": (t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **SMALL), t.GPT2LMHeadModel, "GPT2LMHeadModel"),
-        "gpt_neox": (t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     max_position_embeddings=64, **SMALL), t.GPTNeoXForCausalLM, "GPTNeoXForCausalLM"),
-        "gpt_neox_sequential": (t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                num_attention_heads=4, max_position_embeddings=64,
-                                                use_parallel_residual=False, **SMALL),
-                                t.GPTNeoXForCausalLM, "GPTNeoXForCausalLM"),
-        "llama": (t.LlamaConfig(**DECODER), t.LlamaForCausalLM, "LlamaForCausalLM"),
-        "mistral": (t.MistralConfig(**DECODER), t.MistralForCausalLM, "MistralForCausalLM"),
-        "qwen2": (t.Qwen2Config(**DECODER), t.Qwen2ForCausalLM, "Qwen2ForCausalLM"),
-        "qwen3": (t.Qwen3Config(**DECODER), t.Qwen3ForCausalLM, "Qwen3ForCausalLM"),
-        "gemma2": (t.Gemma2Config(**DECODER), t.Gemma2ForCausalLM, "Gemma2ForCausalLM"),
-        "gemma3_text": (t.Gemma3TextConfig(**DECODER), t.Gemma3ForCausalLM, "Gemma3ForCausalLM"),
-        "bert": (t.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              max_position_embeddings=64, **SMALL), t.BertForMaskedLM, "BertForMaskedLM"),
-    }
+from conftest import SMALL, hf_family_cases as _cases, randomize_norms  # noqa: E402
 
 
 def _first_tensor(value):
@@ -74,20 +51,6 @@ def _normalized(mod, x):
         return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=mod.eps)
     assert "RMSNorm" in type(mod).__name__, type(mod)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def randomize_norms(model, seed: int = 0) -> None:
-    """Random non-trivial norm weights and biases, so pre- and post-affine values differ."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.LayerNorm) or "Norm" in type(mod).__name__:
-                w = getattr(mod, "weight", None)
-                if isinstance(w, torch.Tensor):
-                    w.copy_((0.0 if "Gemma" in type(mod).__name__ else 1.0) + 0.5 * torch.randn(w.shape, generator=g))
-                b = getattr(mod, "bias", None)
-                if isinstance(b, torch.Tensor):
-                    b.copy_(0.3 * torch.randn(b.shape, generator=g))
 
 
 def _hf_tensors(model, sites: list[str], tokens):

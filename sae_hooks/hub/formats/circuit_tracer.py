@@ -107,7 +107,7 @@ def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
     hook, hook_out = opts.hook or f"blocks.{layer}.{hin}", opts.hook_out or f"blocks.{layer}.{hout}"
     model = opts.model_name
     site = make_site(hook, hook_out, model)
-    if site.module is None and hook.endswith(".mlp.hook_in") and model:
+    if hook.endswith(".mlp.hook_in") and model:
         # The MLP's input is ln2.hook_normalized's tensor; take its module path from that name.
         site.module = make_site(hook[: -len("mlp.hook_in")] + "ln2.hook_normalized", None, model).module
     cfg = SAEConfig(
