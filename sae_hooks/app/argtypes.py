@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable
 
 #: Largest count accepted for token/step arguments (2**40 tokens is far beyond any run; it stops typos
@@ -75,6 +76,16 @@ def existing_file(text: str) -> str:
         what = "does not exist" if not os.path.exists(text) else "is not a regular file"
         raise argparse.ArgumentTypeError(f"{text!r} {what}")
     return text
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def model_source(text: str) -> str:
+    """An existing folder, or something shaped like a Hub model id (``gpt2``, ``EleutherAI/pythia-70m``)."""
+    if os.path.isdir(text) or (_HUB_ID.match(text) and not os.path.exists(text)):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a model folder nor a Hub model id ('namespace/name')")
 
 
 def output_dir(text: str) -> str:

@@ -23,6 +23,7 @@ from .argtypes import (
     device,
     existing_dir,
     existing_file,
+    model_source,
     nonnegative_float,
     nonnegative_int,
     output_dir,
@@ -54,7 +55,7 @@ def _token_batches(tok: Any, texts: list[str], args: argparse.Namespace) -> tupl
 
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="folder or Hub id of a Hugging Face causal LM (default: the embedded model)")
+    p.add_argument("--model", type=model_source, help="folder or Hub id of a Hugging Face causal LM (default: the embedded model)")
     p.add_argument("--texts", nargs="*", type=existing_file, help="text files (each one document); default: pydoc topics")
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass")

@@ -223,6 +223,11 @@ class SAEManager:
         return st
 
     @property
+    def _generating(self) -> bool:
+        """Whether a ``generate`` call is running in this thread."""
+        return self._state().generating
+
+    @property
     def context(self) -> ForwardContext:
         """What the adapter knows about the forward pass running in this thread."""
         return self._state().context
