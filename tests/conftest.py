@@ -149,3 +149,24 @@ def sae():
 
 # Hugging Face Hub test server fixtures (tests/conftest_hub.py).
 from conftest_hub import hf_offline, hub_server  # noqa: E402, F401
+
+
+# Planted dictionaries: synthetic activations with known features (training recovery tests) -------
+
+PLANTED_D_IN, PLANTED_FEATURES, PLANTED_ACTIVE = 32, 64, 3
+
+
+def planted_dictionary(seed: int = 1) -> torch.Tensor:
+    """``(PLANTED_FEATURES, PLANTED_D_IN)`` unit-norm random feature directions."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(PLANTED_FEATURES, PLANTED_D_IN, generator=g)
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+def planted_batches(dictionary: torch.Tensor, n: int, batch: int, seed: int = 2):
+    """``n`` batches ``(batch, d)``, each row a sum of ``PLANTED_ACTIVE`` features with magnitudes in [0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        idx = torch.rand(batch, PLANTED_FEATURES, generator=g).argsort(-1)[:, :PLANTED_ACTIVE]
+        mag = torch.rand(batch, PLANTED_ACTIVE, generator=g) + 0.5
+        yield torch.zeros(batch, PLANTED_FEATURES).scatter(1, idx, mag) @ dictionary

@@ -11,21 +11,7 @@ from sae_hooks.native import load as load_native
 from sae_hooks.train import IteratorSource, ShuffleBuffer, Trainer, TrainEntry, TrainSettings, load_checkpoint
 from sae_hooks.saes.matryoshka import prefix_fvu
 
-D_IN, N_FEATURES, ACTIVE = 32, 64, 3
-
-
-def planted_dictionary(seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(N_FEATURES, D_IN, generator=g)
-    return d / d.norm(dim=-1, keepdim=True)
-
-
-def planted_batches(dictionary: torch.Tensor, n: int, batch: int, seed: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        idx = torch.rand(batch, N_FEATURES, generator=g).argsort(-1)[:, :ACTIVE]
-        mag = torch.rand(batch, ACTIVE, generator=g) + 0.5
-        yield torch.zeros(batch, N_FEATURES).scatter(1, idx, mag) @ dictionary
+from conftest import PLANTED_ACTIVE as ACTIVE, PLANTED_D_IN as D_IN, PLANTED_FEATURES as N_FEATURES, planted_batches, planted_dictionary
 
 
 def mmcs(dictionary: torch.Tensor, W_dec: torch.Tensor, signed: bool = False) -> float:
