@@ -347,6 +347,13 @@ def _dead_journals(parent: Path) -> list[Path]:
 
 def _repair(parent: Path, timeout: float) -> None:
     """Roll forward the journals of dead writers in ``parent``, holding the locks of their targets."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        names = []
+    for n in names:  # a journal's own temporary file, left by a writer killed while writing the journal
+        if n.startswith(f"..{_TAG}-txn.") and _dead_writer(n):
+            _remove(parent / n)
     for journal in _dead_journals(parent):
         names = sorted({n for _t, n, _i in _read_journal(journal) or []})
         with contextlib.ExitStack() as locks:
