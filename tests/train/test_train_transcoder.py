@@ -136,7 +136,7 @@ def test_mlp_transcoder_on_embedded_model() -> None:
     import copy
 
     pytest.importorskip("transformers")
-    from adapters.torch import attach
+    from sae_hooks.adapters.torch import attach
     from sae_hooks.eval import hooks_splice_runner, keep_mask, next_token_ce, scored_mask, splice_metrics
     from sae_hooks.train import ActivationReader, LiveSource
     from sae_hooks.app.demo import load_default_model, pydoc_texts

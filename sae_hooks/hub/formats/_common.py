@@ -11,7 +11,7 @@ import os
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +40,6 @@ class LoadOptions:
         norm_scaling_factor: SAELens ``expected_average_only_in`` constant to fold into the weights.
         convention: for formats whose authors' loader and SAELens's differ (Llama Scope / lm-saes): ``"authors"``
             (default) or ``"saelens"``; any other format refuses it.
-        extra: anything else a format may read.
     """
 
     device: str | torch.device | None = None
@@ -53,7 +52,6 @@ class LoadOptions:
     n_layers: int | None = None
     norm_scaling_factor: float | None = None
     convention: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def map_location(self) -> str:
