@@ -1,7 +1,7 @@
 """Time and peak memory of cross-seed latent matching (``sae_hooks.eval.matching``) at large widths.
 
 Each (size, kind) runs in a fresh subprocess so its peak resident memory (``ru_maxrss``) is its own;
-the baseline of a subprocess that only imports torch and builds the two dictionaries is reported too,
+the baseline of a subprocess that imports the same modules and builds the two dictionaries is reported too,
 so ``matching peak = peak − baseline``. Kinds:
 
 * ``random``: two independent Gaussian dictionaries (the hardest case: no structure, many near-ties);
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -42,6 +43,12 @@ def child(F: int, d: int, kind: str, candidates: int, threads: int, baseline: bo
     torch.set_num_threads(threads)
     A, B = dictionaries(F, d, kind)
     out = {"latents": F, "d": d, "kind": kind, "candidates": candidates, "threads": threads}
+    # the baseline imports what the matching imports, so the difference is its working memory
+    import scipy.optimize  # noqa: F401
+    import scipy.sparse.csgraph  # noqa: F401
+
+    import sae_hooks.eval.matching  # noqa: F401
+
     if not baseline:
         from sae_hooks.eval import matching
         from sae_hooks.eval.matching import _unit, assign, edge_sims
@@ -57,9 +64,12 @@ def child(F: int, d: int, kind: str, candidates: int, threads: int, baseline: bo
                 spent.append(time.perf_counter() - t)
 
         matching.top_candidates = timed_search
-        t0 = time.perf_counter()
+        load0 = os.getloadavg()[0]
+        t0, cpu0 = time.perf_counter(), time.process_time()
         r, c = assign(A, B, candidates=candidates)
         out["total_s"] = time.perf_counter() - t0
+        out["cpu_s"] = time.process_time() - cpu0  # all threads; robust to other jobs' load
+        out["load_avg"] = (load0 + os.getloadavg()[0]) / 2  # 1-minute load average, start and end
         out["candidate_search_s"] = sum(spent)
         out["searches"] = len(spent)
         cos = torch.as_tensor(edge_sims(_unit(A), _unit(B), r, c))
@@ -97,11 +107,12 @@ def main() -> None:
             row["matching_peak_mb"] = row["peak_rss_mb"] - row["baseline_rss_mb"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("| latents | d | kind | candidate search (s) | total (s) | matching peak (MB) | process peak (MB) | mean cos | shared @0.7 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| latents | d | kind | threads | load avg | candidate search (s) | total wall (s) | total CPU (s) | matching peak (MB) | process peak (MB) | mean cos | shared @0.7 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['latents']:,} | {r['d']} | {r['kind']} | {r['candidate_search_s']:.1f} | {r['total_s']:.1f} | "
-              f"{r['matching_peak_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['mean_cos']:.3f} | {r['shared_at_0.7']:.3f} |")
+        print(f"| {r['latents']:,} | {r['d']} | {r['kind']} | {r['threads']} | {r['load_avg']:.1f} | {r['candidate_search_s']:.1f} | "
+              f"{r['total_s']:.1f} | {r['cpu_s']:.1f} | {r['matching_peak_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['mean_cos']:.3f} | "
+              f"{r['shared_at_0.7']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -46,18 +46,82 @@ def _unit(w: Tensor) -> Tensor:
     return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+class _ColumnLists:
+    """Running per-column top-``c`` lists ``val/idx (c, Fb)`` (best first) of a product computed in row
+    blocks. After the first blocks, only the few entries above a column's current ``c``-th best can
+    enter its list: they are filtered with that (possibly stale, hence still safe) threshold, buffered,
+    and merged (sorted by column, a slice of columns at a time) once the buffer holds ``c · Fb / 2`` of them, instead of a top-k down
+    every column of every block."""
+
+    merge_entries = 2**20  # old list entries merged at a time (memory bound of a merge)
+
+    def __init__(self, c: int, Fb: int, device: torch.device):
+        self.c, self.Fb = c, Fb
+        self.val = torch.full((c, Fb), float("-inf"), device=device)
+        self.idx = torch.zeros(c, Fb, dtype=torch.long, device=device)
+        self.buf: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.buffered = 0
+
+    def add(self, sim: Tensor, offset: int) -> None:
+        """Fold the block ``sim (b, Fb)`` (rows ``offset …``) in."""
+        mask = sim > self.val[-1]
+        if int(mask.sum()) > sim.numel() // 8:  # early blocks: most entries qualify, a dense top-k is cheaper
+            self.flush()
+            v, i = sim.topk(min(self.c, sim.shape[0]), dim=0)
+            v, pick = torch.cat([self.val, v]).topk(self.c, dim=0)
+            self.idx = torch.cat([self.idx, i + offset]).gather(0, pick)
+            self.val = v
+            return
+        rr, cc = mask.nonzero(as_tuple=True)
+        if len(rr):
+            self.buf.append((cc, sim[rr, cc], rr + offset))
+            self.buffered += len(rr)
+            if self.buffered >= self.c * self.Fb // 2:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        cc, vv, rr = (torch.cat(t) for t in zip(*self.buf))
+        self.buf, self.buffered = [], 0
+        order = torch.sort(cc, stable=True).indices
+        cc, vv, rr = cc[order], vv[order], rr[order]
+        step = max(1, self.merge_entries // self.c)  # columns merged at a time: bounded memory
+        bounds = torch.searchsorted(cc, torch.arange(0, self.Fb + step, step, device=cc.device, dtype=cc.dtype)).tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                self._merge(cc[a:b], vv[a:b], rr[a:b])
+
+    def _merge(self, cc: Tensor, vv: Tensor, rr: Tensor) -> None:
+        """Merge new entries (columns ``cc`` sorted) into the lists of the columns they touch."""
+        c = self.c
+        touched = torch.unique_consecutive(cc)
+        cols = torch.cat([touched.repeat_interleave(c), cc])
+        vals = torch.cat([self.val[:, touched].T.reshape(-1), vv])
+        rows = torch.cat([self.idx[:, touched].T.reshape(-1), rr])
+        order = torch.sort(vals, descending=True, stable=True).indices
+        order = order[torch.sort(cols[order], stable=True).indices]  # by column, best first within one
+        group = torch.searchsorted(touched, cols[order])
+        counts = torch.bincount(group, minlength=len(touched))
+        rank = torch.arange(len(order), device=vals.device) - (torch.cumsum(counts, 0) - counts)[group]
+        keep = order[rank < c]  # every touched column holds c old entries + ≥ 1 new: exactly c kept each
+        self.val[:, touched] = vals[keep].view(len(touched), c).T
+        self.idx[:, touched] = rows[keep].view(len(touched), c).T
+
+
 @torch.no_grad()
 def top_candidates(A: Tensor, B: Tensor, candidates: int, *, block_elements: int = 2**24,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edges ``(rows, cols, sims)`` (numpy, deduplicated): for unit rows ``A (Fa, d)``, ``B (Fb, d)``,
-    each row's ``candidates`` best columns and each column's ``candidates`` best rows by ``A @ Bᵀ``,
-    computed ``block_elements`` similarities at a time."""
+    """Edges ``(rows, cols, sims)`` (numpy, deduplicated, sorted by ``rows · Fb + cols``): for unit rows
+    ``A (Fa, d)``, ``B (Fb, d)``, each row's ``candidates`` best columns and each column's
+    ``candidates`` best rows by ``A @ Bᵀ``, computed ``block_elements`` similarities at a time. The
+    similarities are those of the search's own products (no second pass)."""
     Fa, Fb = A.shape[0], B.shape[0]
     c_row, c_col = min(candidates, Fb), min(candidates, Fa)
     block = max(1, block_elements // max(Fb, 1))
+    row_val = torch.empty(Fa, c_row, device=A.device)
     row_idx = torch.empty(Fa, c_row, dtype=torch.long, device=A.device)
-    col_val = torch.full((c_col, Fb), float("-inf"), device=A.device)
-    col_idx = torch.zeros(c_col, Fb, dtype=torch.long, device=A.device)
+    columns = _ColumnLists(c_col, Fb, A.device)
     starts = range(0, Fa, block)
     if progress:
         from tqdm.auto import tqdm
@@ -65,16 +129,20 @@ def top_candidates(A: Tensor, B: Tensor, candidates: int, *, block_elements: int
         starts = tqdm(starts, desc="candidate search", unit="block")
     for s in starts:
         sim = A[s : s + block] @ B.T  # (b, Fb)
-        row_idx[s : s + sim.shape[0]] = sim.topk(c_row, dim=1).indices
-        v, i = sim.topk(min(c_col, sim.shape[0]), dim=0)
-        v, pick = torch.cat([col_val, v]).topk(c_col, dim=0)
-        col_idx = torch.cat([col_idx, i + s]).gather(0, pick)
-        col_val = v
+        v, i = sim.topk(c_row, dim=1)
+        row_val[s : s + sim.shape[0]], row_idx[s : s + sim.shape[0]] = v, i
+        columns.add(sim, s)
+    columns.flush()
+    col_val, col_idx = columns.val, columns.idx
     rows = torch.cat([torch.arange(Fa, device=A.device).repeat_interleave(c_row), col_idx.reshape(-1)])
     cols = torch.cat([row_idx.reshape(-1), torch.arange(Fb, device=A.device).repeat(c_col)])
-    keys = torch.unique(rows * Fb + cols)
+    sims = torch.cat([row_val.reshape(-1), col_val.reshape(-1)])
+    keys, order = torch.sort(rows * Fb + cols, stable=True)
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]  # a pair found from both sides: same product, same value
+    keys, sims = keys[first], sims[order[first]]
     rows, cols = keys // Fb, keys % Fb
-    return rows.cpu().numpy(), cols.cpu().numpy(), edge_sims(A, B, rows, cols)
+    return rows.cpu().numpy(), cols.cpu().numpy(), sims.double().cpu().numpy()
 
 
 def edge_sims(A: Tensor, B: Tensor, rows: Any, cols: Any, chunk: int = 2**14) -> np.ndarray:
@@ -91,49 +159,57 @@ def _dense_assignment(A: Tensor, B: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return r, c
 
 
-def _sparse_assignment(A: Tensor, B: Tensor, candidates: int, block_elements: int, progress: bool,
-                       dense_limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows/cols of a maximum-similarity full matching between ``A`` and ``B`` (see module docstring)."""
+def _in_sorted(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """``np.isin(keys, sorted_keys)`` for a sorted, duplicate-free ``sorted_keys`` (binary search)."""
+    pos = np.searchsorted(sorted_keys, keys)
+    return (pos < len(sorted_keys)) & (sorted_keys[np.minimum(pos, len(sorted_keys) - 1)] == keys)
+
+
+def _solve(rows: np.ndarray, cols: np.ndarray, w: np.ndarray, Fa: int, Fb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum-weight full matching on the bipartite graph of edges ``(rows, cols)`` with weights ``w > 0``."""
     from scipy.sparse import coo_matrix
 
+    graph = coo_matrix((w, (rows, cols)), shape=(Fa, Fb)).tocsr()
+    if Fa <= Fb:
+        return np.arange(Fa), _match(graph, Fa)
+    return _match(graph.T.tocsr(), Fb), np.arange(Fb)
+
+
+def _sparse_assignment(A: Tensor, B: Tensor, candidates: int, block_elements: int, progress: bool,
+                       dense_limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Rows/cols of a maximum-similarity full matching between ``A`` and ``B`` (see module docstring),
+    and the sorted keys ``row · Fb + col`` of the candidate edges it searched (None when dense)."""
     Fa, Fb = A.shape[0], B.shape[0]
     n = min(Fa, Fb)
     if n <= dense_limit:
-        return _dense_assignment(A, B)
+        return (*_dense_assignment(A, B), None)
     rows, cols, sims = top_candidates(A, B, candidates, block_elements=block_elements, progress=progress)
-    real = rows.astype(np.int64) * Fb + cols
+    real = rows.astype(np.int64) * Fb + cols  # sorted, unique
     # The pairs (i, i), i < min(Fa, Fb), with their true similarity, keep a full matching possible.
     # Weights are similarity + 2 > 0 (scipy drops explicit zeros); for full matchings the offset is
     # a constant, so the assignment maximises the summed similarity over this graph.
     diag = np.arange(n, dtype=np.int64)
-    extra = ~np.isin(diag * Fb + diag, real)
-    r = np.concatenate([rows, diag[extra]])
-    c = np.concatenate([cols, diag[extra]])
-    w = np.concatenate([sims, edge_sims(A, B, diag[extra], diag[extra])]) + 2.0
-    graph = coo_matrix((w, (r, c)), shape=(Fa, Fb)).tocsr()
-    if Fa <= Fb:
-        mr, mc = np.arange(Fa), _match(graph, Fa)
-    else:
-        mr, mc = _match(graph.T.tocsr(), Fb), np.arange(Fb)
-    ok = np.isin(mr.astype(np.int64) * Fb + mc, real)
+    extra = diag[~_in_sorted(diag * Fb + diag, real)]
+    mr, mc = _solve(np.concatenate([rows, extra]), np.concatenate([cols, extra]),
+                    np.concatenate([sims, edge_sims(A, B, extra, extra)]) + 2.0, Fa, Fb)
+    ok = _in_sorted(mr.astype(np.int64) * Fb + mc, real)
     if ok.all():
-        return mr, mc
+        return mr, mc, real
     # Latents matched through non-candidate (i, i) pairs (and any nobody took): match them among
     # themselves with more candidates, then solve once more on the union of both edge sets.
     lr = np.setdiff1d(np.arange(Fa), mr[ok])
     lc = np.setdiff1d(np.arange(Fb), mc[ok])
     At, Bt = A[torch.as_tensor(lr, device=A.device)], B[torch.as_tensor(lc, device=A.device)]
-    sr, sc = _sparse_assignment(At, Bt, candidates * 2, block_elements, False, dense_limit)
-    er, ec, _ = top_candidates(At, Bt, candidates * 2, block_elements=block_elements)
+    sr, sc, sub = _sparse_assignment(At, Bt, candidates * 2, block_elements, False, dense_limit)
+    if sub is None:  # the remainder was solved densely: still add its best candidates
+        er, ec, _ = top_candidates(At, Bt, candidates * 2, block_elements=block_elements)
+    else:
+        er, ec = sub // len(lc), sub % len(lc)
     r = np.concatenate([rows, lr[er], lr[sr]]).astype(np.int64)
     c = np.concatenate([cols, lc[ec], lc[sc]]).astype(np.int64)
     keys = np.unique(r * Fb + c)
     r, c = keys // Fb, keys % Fb
-    w = edge_sims(A, B, r, c) + 2.0
-    graph = coo_matrix((w, (r, c)), shape=(Fa, Fb)).tocsr()
-    if Fa <= Fb:
-        return np.arange(Fa), _match(graph, Fa)
-    return _match(graph.T.tocsr(), Fb), np.arange(Fb)
+    return (*_solve(r, c, edge_sims(A, B, r, c) + 2.0, Fa, Fb), keys)
 
 
 def _match(graph: Any, n_rows: int) -> np.ndarray:
@@ -154,7 +230,7 @@ def assign(A: Tensor, B: Tensor, *, candidates: int = 32, block_elements: int = 
     if A.shape[-1] != B.shape[-1]:
         raise ShapeMismatchError(f"cannot match rows of width {A.shape[-1]} with rows of width {B.shape[-1]}")
     A, B = _unit(A), _unit(B.to(A.device))
-    r, c = _sparse_assignment(A, B, candidates, block_elements, progress, dense_limit)
+    r, c, _ = _sparse_assignment(A, B, candidates, block_elements, progress, dense_limit)
     order = np.argsort(r, kind="stable")
     return r[order], c[order]
 

@@ -127,3 +127,22 @@ def test_half_planted_half_random_matches_the_dense_optimum() -> None:
     partner = torch.full((F,), -1)
     partner[torch.as_tensor(r)] = torch.as_tensor(c)
     assert torch.equal(partner[perm[F // 2 :]], torch.arange(F // 2, F))
+
+
+@pytest.mark.parametrize("block_elements,merge_entries", [(400 * 7, 2**20), (400 * 7, 60), (400 * 50, 2**20), (10**9, 2**20)])
+def test_blockwise_column_lists_equal_a_dense_top_k(block_elements, merge_entries, monkeypatch) -> None:
+    """The per-column lists merged block by block (sparsely, once most entries fall below a column's
+    current c-th best; a slice of columns at a time) hold exactly each column's top-c rows of the full
+    product, with its values."""
+    from sae_hooks.eval import matching
+
+    monkeypatch.setattr(matching._ColumnLists, "merge_entries", merge_entries)  # 60: 12 columns a slice
+    g = torch.Generator().manual_seed(1)
+    A, B = _unit(torch.randn(500, 12, generator=g)), _unit(torch.randn(400, 12, generator=g))
+    rows, cols, sims = top_candidates(A, B, 5, block_elements=block_elements)
+    S = A @ B.T
+    want = {(i, j) for i in range(500) for j in S[i].topk(5).indices.tolist()}
+    want |= {(i, j) for j in range(400) for i in S[:, j].topk(5).indices.tolist()}
+    assert set(zip(rows.tolist(), cols.tolist())) == want
+    assert np.all(np.diff(rows * 400 + cols) > 0)  # sorted, no duplicates
+    torch.testing.assert_close(torch.tensor(sims), S[rows, cols].double(), rtol=1e-6, atol=1e-6)
