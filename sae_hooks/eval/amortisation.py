@@ -10,6 +10,9 @@ solver finds than the SAE's one-pass encoder, given the same decoder.
 * :func:`known_dictionary_experiment`: the paper's known-``D`` setting: every encoder decodes with the
   true ``D``; the SAE encoder (``ReLU(W x + b)``) and MLP encoders are trained on ``MSE + λ·mean|s|``
   (Adam, lr 1e-3), ITO optimises the test codes directly; reports test MCC, MSE and L0.
+* :func:`unknown_dictionary_experiment`: the paper's unknown-dictionary setting: the SAE, MLP encoders
+  and sparse coding each learn their own dictionary; reports code MCC, dictionary MCC, test MSE and L0
+  (:func:`fit_autoencoder`, :func:`learn_dictionary`).
 * :func:`model_table`: on a real model, an SAE against the same SAE with inference-time encoders at
   (approximately) matched L0: MSE, FVU, L0 and ``ce_loss_score`` with each spliced in.
 """
@@ -141,6 +144,130 @@ def known_dictionary_experiment(
     record("ITO (from zero)", with_encoder(sae, "ito", l1_coefficient=lam, max_iter=ito_steps, lr=1e-3, tol=0, init="zero"))
     record("FISTA", with_encoder(sae, "fista", l1_coefficient=lam, max_iter=ito_steps, tol=1e-8))
     record(f"OMP (k={k})", with_encoder(sae, "omp", k=k))
+    return out
+
+
+def _unit_rows(W: Tensor) -> Tensor:
+    return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def fit_autoencoder(encoder: torch.nn.Module, x: Tensor, n_atoms: int, *, steps: int = 40_000, lr: float = 1e-3,
+                    l1_weight: float = 0.01, seed: int = 0) -> Tensor:
+    """Train ``encoder`` (``(n, d) → (n, n_atoms)`` codes) and a dictionary ``(n_atoms, d)`` jointly on
+    full-batch ``x``, the paper's unknown-dictionary setting: Adam on ``mean((s D − x)²) + l1_weight ·
+    mean|s|``, dictionary rows renormalised to unit norm before every step. Returns the dictionary."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.Parameter(_unit_rows(torch.randn(n_atoms, x.shape[1], generator=g)))
+    opt = torch.optim.Adam([*encoder.parameters(), D], lr=lr)
+    for _ in range(steps):
+        with torch.no_grad():
+            D.copy_(_unit_rows(D))
+        with torch.enable_grad():
+            s = encoder(x)
+            loss = _paper_loss(x, s @ D, s, l1_weight)
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+    return _unit_rows(D.detach())
+
+
+@torch.no_grad()
+def learn_dictionary(x: Tensor, n_atoms: int, l1_coefficient: float, *, iters: int = 200, fista_iter: int = 200,
+                     seed: int = 0, nonnegative: bool = True) -> Tensor:
+    """Sparse dictionary learning by alternating minimisation of ``Σ_n 0.5·||x_n − s_n D||² +
+    λ·||s_n||₁`` over the codes and a dictionary ``D (n_atoms, d)`` with rows in the unit ball: codes by
+    FISTA (warm-started), then one block-coordinate sweep over the atoms (each atom the exact minimiser
+    given the others, projected onto the unit ball; Mairal et al. 2009). Atoms start on random samples
+    (a random Gaussian start stalls in poor local minima here); an atom no code uses restarts on the
+    worst-reconstructed sample. Returns unit rows."""
+    from ..encoders.solvers import fista
+
+    g = torch.Generator().manual_seed(seed)
+    x = x.double()
+    D = _unit_rows(x[torch.randperm(x.shape[0], generator=g)[:n_atoms]])
+    s: Tensor | None = None
+    for _ in range(iters):
+        s = fista(x, D, l1_coefficient, init=s, max_iter=fista_iter, tol=1e-7, nonnegative=nonnegative)
+        A, B = s.T @ s, s.T @ x  # (n_atoms, n_atoms), (n_atoms, d)
+        D = D.clone()
+        for j in range(n_atoms):
+            if A[j, j] <= 1e-12:
+                worst = (x - s @ D).pow(2).sum(-1).argmax()
+                D[j] = x[worst] / x[worst].norm().clamp_min(1e-12)
+                continue
+            u = D[j] + (B[j] - A[j] @ D) / A[j, j]
+            D[j] = u / u.norm().clamp_min(1.0)
+    return _unit_rows(D).float()
+
+
+def unknown_dictionary_experiment(
+    n_sources: int = 16, n_dims: int = 8, k: int = 3, *, n_train: int = 1024, n_test: int = 1024,
+    steps: int = 40_000, ito_steps: int = 10_000, l1_weight: float = 0.01, mlp_hidden: Sequence[int] = (32, 256),
+    sc_l1_weight: float = 0.05, dict_iters: int = 200, sklearn: bool = False, seed: int = 20240625,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """One run of the paper's unknown-dictionary comparison (``experiments/unknown_Z_D.py``): nothing but
+    ``x`` is given. Returns ``{method: {"mcc", "dict_mcc", "mse", "l0"}}`` on the test set:
+
+    * ``SAE``: ``ReLU(W x)`` and a unit-row dictionary trained jointly (:func:`fit_autoencoder`,
+      ``MSE + l1_weight·mean|s|``, ``steps`` full-batch Adam steps, lr 1e-3);
+    * ``SAE + ITO`` / ``SAE + FISTA``: the SAE's learned dictionary, test codes optimised per sample
+      (ITO from zero, ``ito_steps`` Adam steps; FISTA to convergence) at the same penalty;
+    * ``MLP (h=…)``: the MLP encoder trained jointly with its dictionary in the same way;
+    * ``sparse coding (FISTA + BCD)``: :func:`learn_dictionary` on the training set at penalty
+      ``sc_l1_weight`` (``dict_iters`` alternations), test codes by FISTA;
+    * ``sklearn DictionaryLearning`` (``sklearn=True``; needs scikit-learn): an independent solver of
+      the same objective (``alpha`` = the per-sample penalty, ``positive_code=True``), test codes by
+      its own ``lasso_cd`` transform (``fit_algorithm="cd"``: positive codes need coordinate descent).
+
+    Penalties ``*_l1_weight`` are in the paper's units (``λ`` of ``mean(r²) + λ·mean|s|``); the
+    per-sample solvers get the equivalent ``λ · M / (2N)`` of ``0.5||x − sD||² + λ'||s||₁``."""
+    from ..encoders import with_encoder
+    from ..encoders.core import MLPEncoder
+    from ..encoders.solvers import fista
+
+    data = synthetic_sparse_data(n_sources, n_dims, k, n_train + n_test, seed=seed)
+    x_tr, x_te, s_te = data.x[:n_train], data.x[n_train:], data.codes[n_train:]
+    per_sample = n_dims / (2 * n_sources)
+    say = progress or (lambda _m: None)
+    out: dict[str, dict[str, float]] = {}
+
+    def record(name: str, codes: Tensor, D: Tensor) -> None:
+        codes, D = codes.float(), D.float()
+        out[name] = {"mcc": mcc(s_te, codes), "dict_mcc": dictionary_mcc(data.dictionary, D),
+                     "mse": float((codes @ D - x_te).pow(2).mean()), "l0": float((codes.abs() > 1e-6).sum(-1).float().mean())}
+        say(f"{name}: {out[name]}")
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(n_dims, n_sources, bias=False)
+    encoder = torch.nn.Sequential(linear, torch.nn.ReLU())
+    D_sae = fit_autoencoder(encoder, x_tr, n_sources, steps=steps, l1_weight=l1_weight, seed=seed)
+    sae = _decoder_sae(D_sae, seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(linear.weight.detach().T)
+        sae.b_enc.zero_()
+        record("SAE", sae.encode(x_te), D_sae)
+        lam = l1_weight * per_sample
+        record("SAE + ITO", with_encoder(sae, "ito", l1_coefficient=lam, max_iter=ito_steps, lr=1e-3, tol=0, init="zero").encode(x_te), D_sae)
+        record("SAE + FISTA", fista(x_te, D_sae, lam, max_iter=20_000, tol=1e-9), D_sae)
+    for h in mlp_hidden:
+        mlp = MLPEncoder(n_dims, n_sources, h, seed)
+        D_mlp = fit_autoencoder(mlp, x_tr, n_sources, steps=steps, l1_weight=l1_weight, seed=seed)
+        with torch.no_grad():
+            record(f"MLP (h={h})", mlp(x_te), D_mlp)
+    lam_sc = sc_l1_weight * per_sample
+    D_sc = learn_dictionary(x_tr, n_sources, lam_sc, iters=dict_iters, seed=seed)
+    record("sparse coding (FISTA + BCD)", fista(x_te, D_sc, lam_sc, max_iter=20_000, tol=1e-9), D_sc)
+    if sklearn:
+        try:
+            from sklearn.decomposition import DictionaryLearning
+        except ImportError as e:
+            raise ImportError("unknown_dictionary_experiment(sklearn=True) needs scikit-learn: pip install scikit-learn") from e
+        dl = DictionaryLearning(n_components=n_sources, alpha=lam_sc, fit_algorithm="cd", transform_algorithm="lasso_cd", transform_alpha=lam_sc,
+                                positive_code=True, random_state=seed % 2**32, max_iter=1000)
+        dl.fit(x_tr.double().numpy())
+        record("sklearn DictionaryLearning", torch.as_tensor(dl.transform(x_te.double().numpy())),
+               torch.as_tensor(dl.components_))
     return out
 
 

@@ -53,7 +53,7 @@ class _ColumnLists:
     and merged (sorted by column, a slice of columns at a time) once the buffer holds ``c · Fb / 2`` of them, instead of a top-k down
     every column of every block."""
 
-    merge_entries = 2**20  # old list entries merged at a time (memory bound of a merge)
+    merge_entries = 2**18  # old list entries merged at a time (memory bound of a merge)
 
     def __init__(self, c: int, Fb: int, device: torch.device):
         self.c, self.Fb = c, Fb
