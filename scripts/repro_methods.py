@@ -246,6 +246,12 @@ CHOICE_CASES = {  # name -> (architecture, arch settings)
     "feature_choice uniform (aux_zipf)": ("feature_choice", {}),
     "feature_choice zipf (aux_zipf)": ("feature_choice", {"capacities": "zipf"}),
 }
+#: --ablation: the auxiliary loss of the choice SAEs (ours, aux_zipf) against OpenAI's AuxK and none
+CHOICE_ABLATION = {
+    "mutual_choice (AuxK)": ("mutual_choice", {"aux": "k"}),
+    "mutual_choice (no aux loss)": ("mutual_choice", {"aux_coefficient": 0.0}),
+    "feature_choice uniform (no aux loss)": ("feature_choice", {"aux_coefficient": 0.0}),
+}
 #: the metrics averaged over seeds (and interpolated in L0 where a budget could not be matched directly)
 CHOICE_KEYS = ("l0", "l0_std", "l0_p10", "l0_p50", "l0_p90", "l0_max", "dead_fraction", "train_dead_fraction", "fvu",
                "ce_loss_recovered", "budget")
@@ -286,10 +292,11 @@ def cmd_choice(args) -> dict:  # noqa: ANN001
     print(f"choice: {acts.shape[0]} training / {test.shape[0]} held-out tokens at {SITE}, d_sae={d_sae}, k={k}, "
           f"batch {batch}, {args.steps} steps, {args.seeds} seeds", flush=True)
     t0 = time.perf_counter()
-    matched: dict[str, list[dict]] = {name: [] for name in CHOICE_CASES}
-    same_budget: dict[str, list[dict]] = {name: [] for name in CHOICE_CASES}
+    cases = CHOICE_ABLATION if args.ablation else CHOICE_CASES
+    matched: dict[str, list[dict]] = {name: [] for name in cases}
+    same_budget: dict[str, list[dict]] = {name: [] for name in cases}
     for seed in range(args.seeds):
-        for name, (arch, extra) in CHOICE_CASES.items():
+        for name, (arch, extra) in cases.items():
             tries: list[tuple[object, float, float, float]] = []  # (sae, train dead, l0, budget)
             budget = float(k)
             for _ in range(1 if arch == "topk" else 5):
@@ -366,7 +373,7 @@ def cmd_choice(args) -> dict:  # noqa: ANN001
     budget_rows = {name: agg(runs) for name, runs in same_budget.items()}
     print("\nAt matched mean L0:\n" + table(matched_rows, True))
     print("\nAt the same training budget k (unmatched L0):\n" + table(budget_rows, False))
-    return {"choice": {"matched_l0": matched_rows, "same_budget": budget_rows,
+    return {"choice_ablation" if args.ablation else "choice": {"matched_l0": matched_rows, "same_budget": budget_rows,
                        "runs": {name: runs for name, runs in matched.items()},
                        "config": {"tokens": acts.shape[0], "held_out": test.shape[0], "d_sae": d_sae, "k": k,
                                   "batch": batch, "steps": args.steps, "seeds": args.seeds, "l0_tol": args.l0_tol}}}
@@ -406,6 +413,7 @@ def main() -> None:
     ap.add_argument("--expansion", type=int, default=8, help="choice: d_sae / d")
     ap.add_argument("--batch", type=int, default=1024, help="choice: tokens per step")
     ap.add_argument("--l0-tol", type=float, default=0.02, help="choice: relative mean-L0 tolerance of the match")
+    ap.add_argument("--ablation", action="store_true", help="choice: the auxiliary-loss ablation rows instead")
     ap.add_argument("--out", help="merge the numbers into this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
