@@ -38,8 +38,9 @@ at/above its Zipf-expected density:
    used; fit ``log d = c − α log r`` by least squares on the upper half of the ranks with ``d > 0`` (or fix
    ``α`` and fit ``c`` only): the Zipf curve ``e_i = exp(c)·r_i^-α``;
 2. under-use weight ``w_i = clamp(1 − d_i / e_i, 0, 1)`` (1 for a dead feature, 0 at or above the curve);
-3. per token, the ``aux_k`` features with the largest ``w_i · ReLU(pre_i)`` among ``w_i > 0`` reconstruct
-   the detached residual ``e = y − y_hat``: ``r = Σ_i w_i ReLU(pre_i) W_dec[i]`` (no ``b_dec``);
+3. per token, the ``aux_k`` features with the largest ``w_i · ReLU(pre_i)`` among ``w_i > 0`` and not already
+   matched with that token by the main allocation (as AuxK's dead latents never are) reconstruct the detached
+   residual ``e = y − y_hat``: ``r = Σ_i w_i ReLU(pre_i) W_dec[i]`` (no ``b_dec``);
 4. ``aux_zipf_loss = mean ||e − r||² / mean ||e − mean(e)||²`` (OpenAI's normalisation, as our AuxK).
 
 Training works on the selected entries only: :class:`CooEncode` / :class:`CooDecode` compute the
@@ -294,18 +295,21 @@ def zipf_weights(density: Tensor, alpha: float | None = None) -> Tensor:
 
 def aux_zipf_loss(
     sae: SAE, x_in: Tensor, pre: Tensor, residual: Tensor, weights: Tensor, aux_k: int,
-    aux_denom: Callable[[Tensor], Tensor] | None = None,
+    aux_denom: Callable[[Tensor], Tensor] | None = None, selected: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor | None:
     """The auxiliary loss of the module docstring; ``None`` when no feature is under-used.
 
     ``x_in (N, d_in)`` encoder input, ``pre (N, F)`` its (no-grad) pre-activations, ``residual (N, d)``
-    detached, ``weights (F,)`` from :func:`zipf_weights`."""
+    detached, ``weights (F,)`` from :func:`zipf_weights`, ``selected``: the ``(rows, cols)`` of the main
+    allocation, which are not auxiliary candidates (training always passes them)."""
     candidates = weights > 0
     k_aux = min(aux_k, int(candidates.sum()))
     if k_aux == 0:
         return None
     with torch.no_grad():
         score = (torch.relu(pre) * weights).masked_fill(~candidates, float("-inf"))
+        if selected is not None:  # entries already in the main reconstruction are not auxiliary candidates
+            score[selected[0], selected[1]] = float("-inf")
         idx = score.topk(k_aux, dim=-1, sorted=False).indices
         values = pre.gather(-1, idx)
     b_enc = sae.b_enc if sae.has_encoder_bias else None
@@ -379,7 +383,8 @@ class ChoiceTraining(TrainingSpec):
         if settings.aux_coefficient:
             residual = (y - y_hat).detach()
             if settings.aux == "zipf":
-                a = aux_zipf_loss(sae, x_in, pre, residual, weights, settings.aux_k, ctx.aux_denom) if weights is not None else None
+                a = (aux_zipf_loss(sae, x_in, pre, residual, weights, settings.aux_k, ctx.aux_denom, (rows, cols))
+                     if weights is not None else None)
             else:
                 recon = dead_reconstruction(sae, x_in, pre, ctx.dead, settings.aux_k)
                 a = None if recon is None else auxk_nmse(recon, residual, ctx.aux_denom)

@@ -208,6 +208,27 @@ def test_aux_zipf_loss_equals_the_hand_formula_and_reduces_to_auxk():
     assert aux_zipf_loss(sae, x, pre, residual, torch.zeros(16), 2) is None
 
 
+def test_aux_zipf_loss_skips_the_entries_of_the_main_allocation():
+    sae = _sae("mutual_choice", f=16)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 8, generator=g)
+    pre = (x @ sae.W_enc + sae.b_enc).detach()
+    residual = torch.randn(6, 8, generator=g)
+    w = torch.full((16,), 0.5)
+    rows, cols, _ = mutual_choice_select(pre, 2)
+    loss = aux_zipf_loss(sae, x, pre, residual, w, aux_k=3, selected=(rows, cols))
+    chosen = torch.zeros(6, 16, dtype=torch.bool)
+    chosen[rows, cols] = True
+    recon = torch.zeros(6, 8)
+    for n in range(6):  # by hand: the 3 best unselected entries of each token
+        order = sorted((i for i in range(16) if not chosen[n, i]), key=lambda i: -float(torch.relu(pre[n, i]) * w[i]))
+        for i in order[:3]:
+            recon[n] += w[i] * torch.relu(pre[n, i]) * sae.W_dec[i]
+    ref = ((recon - residual) ** 2).sum(-1).mean() / ((residual - residual.mean(0)) ** 2).sum(-1).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss, aux_zipf_loss(sae, x, pre, residual, w, aux_k=3))  # the exclusion matters here
+
+
 def test_inference_is_per_token_and_uses_the_thresholds():
     for arch in ("mutual_choice", "feature_choice"):
         sae = _sae(arch)
