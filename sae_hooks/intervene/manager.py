@@ -353,6 +353,7 @@ class SAEManager:
             SiteIntervention(
                 sae, splice=s in spliced, error_term=error_term, detach_error=detach_error,
                 skip_positions=skip_positions, skip_tokens=list(skip_tokens) if skip_tokens else None, edits=edits,
+                site=s if resolved_out is None else f"{s} -> {resolved_out}",
             )
             for s in sites_in
         ]
