@@ -132,7 +132,7 @@ def config_widths(cfg: Any) -> dict[str, int]:
 # The width of every TransformerLens name whose width is fixed by the config (TL 2/3 and TL4 spellings).
 _HOOK_WIDTHS = [
     (re.compile(r"(^|\.)(hook_resid_(pre|mid|post)|hook_(attn|mlp)_out|hook_mlp_in|hook_in|hook_out|hook_normalized"
-                r"|hook_embed|hook_pos_embed|attn\.hook_hidden_states|(q|k|v)\.hook_in|o\.hook_out|mlp\.in\.hook_in"
+                r"|hook_embed|hook_pos_embed|(q|k|v)\.hook_in|o\.hook_out|mlp\.in\.hook_in"
                 r"|mlp\.gate\.hook_in|mlp\.out\.hook_out)$"), "d_model"),
     (re.compile(r"mlp\.(hook_pre|hook_pre_linear|hook_post|(in|gate)\.hook_out|out\.hook_in)$"), "d_mlp"),
     (re.compile(r"attn\.hook_z$"), "d_attn"),
