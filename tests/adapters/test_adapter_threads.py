@@ -70,8 +70,8 @@ def _assert_same(got: dict[int, torch.Tensor], expected: list[torch.Tensor]) -> 
     assert wrong == [], f"{len(wrong)} of {len(expected)} concurrent calls differ from their single-thread result"
 
 
-@pytest.mark.parametrize("kind", ["bridge_hf", "bridge_native"])
-def test_transformer_lens_bridge_threads(kind: str) -> None:
+@pytest.mark.parametrize("kind", ["bridge_hf", "bridge_native", "hooked_transformer"])
+def test_transformer_lens_threads(kind: str) -> None:
     from sae_hooks.adapters.transformer_lens import attach
 
     torch.set_num_threads(1)
