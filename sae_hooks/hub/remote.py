@@ -42,6 +42,7 @@ from huggingface_hub.utils import (  # re-exported there by every huggingface_hu
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    filter_repo_objects,
 )
 from huggingface_hub.file_download import repo_folder_name
 
@@ -301,6 +302,11 @@ def snapshot(
     """Download every file of ``repo_id`` matching ``allow_patterns`` (fnmatch, e.g. ``"layer_3/*"``); return the
     snapshot folder (files keep their repo paths below it).
 
+    The file list is read once, pinned to the commit ``revision`` points at, and every matching file is fetched
+    at that commit by :func:`download_files` (``max_workers`` at a time): cut files resume from their last byte
+    (in this call, the next one, or another process after a kill), files already in the cache are not fetched
+    again, and every new blob is hash-checked. Offline, the cached snapshot is served.
+
     Raises what :func:`download_files` raises; :class:`~sae_hooks.errors.HubFileNotFoundError` when
     ``allow_patterns`` matches no file of the repo (the message lists the files).
     """
@@ -309,48 +315,70 @@ def snapshot(
     storage = cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
     rev = revision or DEFAULT_REVISION
     patterns = _as_list(allow_patterns) or []
-    before = _blob_names(storage)
+    if offline:
+        return _cached_snapshot(repo_id, patterns, ignore_patterns, rev, token, cache, repo_type)
     try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                repo_type=repo_type,
-                revision=rev,
-                cache_dir=cache,
-                token=token,
-                local_files_only=offline,
-                allow_patterns=patterns or None,
-                ignore_patterns=_as_list(ignore_patterns),
-                max_workers=max_workers,
-                endpoint=hub_endpoint(),
-            )
+        info = _bounded(
+            lambda: _api(token).repo_info(repo_id, revision=rev, repo_type=repo_type, token=token),
+            f"Listing {_repo_str(repo_id, repo_type)} at revision {rev!r}",
         )
+    except HubUnavailableError:
+        raise
     except Exception as err:  # noqa: BLE001 - mapped to typed errors, or re-raised
-        _raise_typed(
-            err,
-            repo_id=repo_id,
-            repo_type=repo_type,
-            revision=rev,
-            filename=", ".join(patterns) if patterns else None,
-            token=token,
-            cache_dir=cache,
-            offline=offline,
+        _raise_typed(err, repo_id=repo_id, repo_type=repo_type, revision=rev, token=token, cache_dir=cache)
+        raise
+    commit = info.sha
+    files = sorted(s.rfilename for s in info.siblings or [])
+    wanted = list(filter_repo_objects(files, allow_patterns=patterns or None, ignore_patterns=_as_list(ignore_patterns)))
+    if patterns and not wanted:
+        raise HubFileNotFoundError(
+            f"{_repo_str(repo_id, repo_type)} at revision {rev!r} has no file matching {patterns!r}. "
+            f"Files in the repo: {_format_list(files)}."
         )
+    if not _COMMIT_RE.match(rev) and commit:
+        from .._atomic import atomic_write_bytes
+
+        atomic_write_bytes(storage / "refs" / rev, commit.encode())  # as snapshot_download does
+
+    def fetch(name: str) -> Path:
+        return download_files(repo_id, [name], commit, token, cache, False, repo_type=repo_type, verify=verify)[name]
+
+    if max_workers <= 1 or len(wanted) <= 1:
+        for name in wanted:
+            fetch(name)
+    else:
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sae-hooks-snapshot") as pool:
+            futures = [pool.submit(fetch, name) for name in wanted]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                for f in futures:
+                    f.cancel()  # the ones not started; running ones finish (their bytes are kept)
+                raise failed[0].exception()  # type: ignore[misc]
+    return storage / "snapshots" / commit
+
+
+def _cached_snapshot(
+    repo_id: str, patterns: list[str], ignore_patterns: str | Sequence[str] | None, rev: str,
+    token: str | bool | None, cache: Path, repo_type: str,
+) -> Path:
+    """The cached snapshot folder of ``rev`` (offline), checked to hold a file matching ``patterns``."""
+    try:
+        folder = Path(snapshot_download(
+            repo_id, repo_type=repo_type, revision=rev, cache_dir=cache, token=token, local_files_only=True,
+            allow_patterns=patterns or None, ignore_patterns=_as_list(ignore_patterns), endpoint=hub_endpoint(),
+        ))
+    except Exception as err:  # noqa: BLE001 - mapped to typed errors, or re-raised
+        _raise_typed(err, repo_id=repo_id, repo_type=repo_type, revision=rev,
+                     filename=", ".join(patterns) if patterns else None, token=token, cache_dir=cache, offline=True)
         raise
     present = _files_under(folder)
-    if verify:
-        for rel in present:
-            _verify_new_blob(folder / rel, rel, before, storage, repo_id=repo_id, revision=rev)
     if patterns and not any(fnmatch.fnmatch(p, pat) for p in present for pat in patterns):
-        what = f"no file matching {patterns!r}"
-        if offline:
-            raise HubUnavailableError(
-                f"Offline mode is on and {what} from {_repo_str(repo_id, repo_type)} at revision {rev!r} is in the "
-                f"local cache ({cache}). Cached files: {_format_list(present)}."
-            )
-        raise HubFileNotFoundError(
-            f"{_repo_str(repo_id, repo_type)} at revision {rev!r} has {what}. "
-            f"Files in the repo: {_format_list(_safe_list(repo_id, repo_type, rev, token))}."
+        raise HubUnavailableError(
+            f"Offline mode is on and no file matching {patterns!r} from {_repo_str(repo_id, repo_type)} at revision "
+            f"{rev!r} is in the local cache ({cache}). Cached files: {_format_list(present)}."
         )
     return folder
 
