@@ -110,6 +110,51 @@ def build_tl_model(kind: str):
     raise ValueError(kind)
 
 
+def word_tokenizer():
+    """A word-level tokenizer for the tiny models (vocab 100): ``"t0 t5 t7"`` -> ids 0, 5, 7; ``t0`` is
+    BOS/EOS/pad, ``t1`` unknown."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(100)}, unk_token="t1"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="t0", eos_token="t0", pad_token="t0",
+                                                unk_token="t1")
+
+
+def attach_copy(kind: str, hf, *, tokenizer: bool = False):
+    """A deep copy of the HF causal LM ``hf`` attached through adapter ``kind``: ``"torch"``; ``"nnsight"``
+    (an ``nnsight.NNsight`` wrapper, or with ``tokenizer=True`` a ``TransformersModel`` with
+    :func:`word_tokenizer`); ``"transformer_lens"`` (a TransformerLens 4 bridge built from the module;
+    skipped with older TransformerLens). Wrappers mutate the model, hence the copy."""
+    import copy
+    import warnings
+
+    hf = copy.deepcopy(hf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "torch":
+            from sae_hooks.adapters.torch import attach
+
+            return attach(hf)
+        if kind == "nnsight":
+            nnsight = pytest.importorskip("nnsight")
+            from sae_hooks.adapters.nnsight import attach
+
+            if tokenizer:
+                return attach(nnsight.TransformersModel(hf, task="text-generation", tokenizer=word_tokenizer()))
+            return attach(nnsight.NNsight(hf))
+        if kind != "transformer_lens":
+            raise ValueError(f"unknown adapter {kind!r}")
+        if (tl_major() or 0) < 4:
+            pytest.skip("needs a TransformerLens 4 bridge")
+        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+        from sae_hooks.adapters.transformer_lens import attach
+
+        return attach(build_bridge_from_module(hf, type(hf).__name__, hf_config=hf.config))
+
+
 TL_KINDS = ["bridge_native", "bridge_hf", "hooked_transformer"]
 
 
