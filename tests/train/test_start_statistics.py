@@ -206,8 +206,12 @@ def _layers(n: int) -> list[dict[str, torch.Tensor]]:
     return [{s: x @ mix[i] + 0.5 * i for i, s in enumerate(MLSITES)} for x in healthy(n, seed=4)]
 
 
+def _settings(**settings) -> TrainSettings:  # noqa: ANN003
+    return TrainSettings(**{"lr": 3e-3, "warmup_steps": 2, "dead_tokens": 10_000, "total_steps": STEPS, **settings})
+
+
 def _mlsae(**settings) -> TrainEntry:  # noqa: ANN003
-    s = TrainSettings(**{"lr": 3e-3, "warmup_steps": 2, "dead_tokens": 10_000, "total_steps": STEPS, **settings})
+    s = _settings(**settings)
     return TrainEntry("mlsae", MLSITES, make_mlsae(D, L, d_sae=64, k=4, seed=0), s, init_weights=False)
 
 
@@ -219,15 +223,7 @@ def test_mlsae_degenerate_first_batch(case: str) -> None:
     is standardised.)"""
     data = _layers(STEPS)
     bad = {s: DEGENERATE[case](x) for s, x in data[0].items()}
-    if case != "empty":
-        with pytest.raises(DegenerateDataError, match="MLSAE inputs: batch 1 of the first 1"):
-            Trainer([_mlsae(init_batches=1)]).step(bad)
-    clean = _mlsae(init_batches=3 if case == "empty" else 2)
-    Trainer([clean]).fit(data, max_steps=STEPS)
-    poisoned = _mlsae()
-    with pytest.warns(RuntimeWarning):
-        Trainer([poisoned]).fit([bad, *data], max_steps=STEPS + 1)
-    _assert_same_run(poisoned, clean)
+    _refused_alone_left_out_among_healthy(_mlsae, bad, data, case, "MLSAE inputs: batch 1 of the first 1")
 
 
 @pytest.mark.parametrize("side", ["in", "out"])
@@ -238,22 +234,26 @@ def test_transcoder_degenerate_input_or_target(side: str, case: str) -> None:
     data = [{"in": x, "out": torch.relu(x @ W)} for x in healthy(STEPS, seed=6)]
 
     def tc(**settings) -> TrainEntry:  # noqa: ANN003
-        s = TrainSettings(**{"lr": 3e-3, "warmup_steps": 2, "dead_tokens": 10_000, "total_steps": STEPS, **settings})
+        s = _settings(**settings)
         return TrainEntry("tc", "in", make_sae("topk", D, 64, k=4), s, site_out="out")
 
     bad = dict(data[0])
     bad[side] = DEGENERATE[case](bad[side])
     if case == "empty":
         bad = {s: x[:0] for s, x in bad.items()}
-    else:
-        statistic = "input scale" if side == "in" else "target scale"
-        with pytest.raises(DegenerateDataError, match=f"{statistic}: batch 1 of the first 1"):
-            Trainer([tc(init_batches=1)]).step(bad)
-    clean = tc(init_batches=3 if case == "empty" else 2)
+    statistic = "input scale" if side == "in" else "target scale"
+    _refused_alone_left_out_among_healthy(tc, bad, data, case, f"{statistic}: batch 1 of the first 1")
+
+
+def _refused_alone_left_out_among_healthy(make, bad, data, case: str, match: str) -> None:  # noqa: ANN001
+    """``bad`` as the only statistics batch (``make(init_batches=1)``) is refused (an empty one is skipped
+    instead); as the first of 3 it is left out: the run equals the clean run on ``data``, bit for bit."""
+    if case != "empty":
+        with pytest.raises(DegenerateDataError, match=match):
+            Trainer([make(init_batches=1)]).step(bad)
+    clean = make(init_batches=3 if case == "empty" else 2)
     Trainer([clean]).fit(data, max_steps=STEPS)
-    poisoned = tc()
+    poisoned = make()
     with pytest.warns(RuntimeWarning):
         Trainer([poisoned]).fit([bad, *data], max_steps=STEPS + 1)
-    assert poisoned.state.step == STEPS
-    for k, v in _weights(clean).items():
-        torch.testing.assert_close(_weights(poisoned)[k], v, rtol=0, atol=0, msg=k)
+    _assert_same_run(poisoned, clean)
