@@ -16,7 +16,7 @@ What this layer adds to ``huggingface_hub``:
 
 A local path is the caller's business: every function here talks to the Hub (or its cache).
 
-Progress bars are ``huggingface_hub``'s own (silence them with ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
+Progress bars use ``huggingface_hub``'s bar class (silence them with ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
 """
 
 from __future__ import annotations
@@ -481,6 +481,7 @@ def _fetch_blob_resumably(
     """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub.utils import tqdm as hf_tqdm
 
     url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=endpoint)
     meta = _bounded(lambda: get_hf_file_metadata(url, token=token, timeout=hub_timeout(), endpoint=endpoint),
@@ -501,41 +502,49 @@ def _fetch_blob_resumably(
             return commit
         _remove_stale_incomplete(blobs, etag)
         last_error: BaseException | None = None
-        for attempt in range(_DOWNLOAD_ATTEMPTS):
-            have = partial.stat().st_size if partial.exists() else 0
-            if have > size:
-                have = 0
-                partial.unlink()
-            if have == size:
-                break
-            headers = build_hf_headers(token=token)
-            if have:
-                headers["Range"] = f"bytes={have}-"
-            try:
-                with get_session().stream("GET", meta.location or url, headers=headers, follow_redirects=True,
-                                          timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
-                    if response.status_code == 416:  # our partial is not a prefix of this file: start over
-                        partial.unlink(missing_ok=True)
-                        continue
-                    hf_raise_for_status(response)
-                    append = bool(have) and response.status_code == 206
-                    with open(partial, "ab" if append else "wb") as f:
-                        for chunk in response.iter_bytes():  # as received: a cut keeps every byte
-                            f.write(chunk)
-                        f.flush()
-                        os.fsync(f.fileno())
-                last_error = None
-            except HfHubHTTPError as err:
-                status = _http_status(err)
-                if status is None or (status < 500 and status != 429):
-                    raise
-                last_error = err
-            except Exception as err:  # noqa: BLE001 - network errors of httpx/httpx2: retried, bytes kept
-                if type(err).__module__.split(".")[0] not in _NETWORK_ERROR_MODULES:
-                    raise
-                last_error = err
-            if attempt:
-                time.sleep(min(0.2 * 2**attempt, 5.0))
+        # huggingface_hub's own bar class and group: HF_HUB_DISABLE_PROGRESS_BARS silences it too.
+        with hf_tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=filename,
+                     name="huggingface_hub.http_get") as bar:
+            for attempt in range(_DOWNLOAD_ATTEMPTS):
+                have = partial.stat().st_size if partial.exists() else 0
+                if have > size:
+                    have = 0
+                    partial.unlink()
+                bar.n = have  # resumed bytes count as done
+                bar.refresh()
+                if have == size:
+                    break
+                headers = build_hf_headers(token=token)
+                if have:
+                    headers["Range"] = f"bytes={have}-"
+                try:
+                    with get_session().stream("GET", meta.location or url, headers=headers, follow_redirects=True,
+                                              timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+                        if response.status_code == 416:  # our partial is not a prefix of this file: start over
+                            partial.unlink(missing_ok=True)
+                            continue
+                        hf_raise_for_status(response)
+                        append = bool(have) and response.status_code == 206
+                        if not append:  # a server that ignores Range sends the whole file again
+                            bar.n = 0
+                        with open(partial, "ab" if append else "wb") as f:
+                            for chunk in response.iter_bytes():  # as received: a cut keeps every byte
+                                f.write(chunk)
+                                bar.update(len(chunk))
+                            f.flush()
+                            os.fsync(f.fileno())
+                    last_error = None
+                except HfHubHTTPError as err:
+                    status = _http_status(err)
+                    if status is None or (status < 500 and status != 429):
+                        raise
+                    last_error = err
+                except Exception as err:  # noqa: BLE001 - network errors of httpx/httpx2: retried, bytes kept
+                    if type(err).__module__.split(".")[0] not in _NETWORK_ERROR_MODULES:
+                        raise
+                    last_error = err
+                if attempt:
+                    time.sleep(min(0.2 * 2**attempt, 5.0))
         have = partial.stat().st_size if partial.exists() else 0
         if have != size:
             why = f" ({type(last_error).__name__}: {last_error})" if last_error else ""

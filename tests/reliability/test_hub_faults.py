@@ -247,3 +247,14 @@ def test_snapshot_killed_in_another_process_completes_here(repo: HubServer, poin
     assert [(g.range, g.body_bytes_sent) for g in repo.content_gets()] == [(r, n) for r, n in want]
     assert all(g.path.endswith("/notes.json") for g in repo.content_gets())
 
+
+
+def test_server_that_ignores_range_gets_a_whole_fresh_copy(repo: HubServer) -> None:
+    """A retry answered 200 (the whole file) instead of 206 overwrites the partial instead of appending to it."""
+    repo.ranges_supported = False
+    repo.truncate_next("notes.json", 300_000)
+    path = remote.download_files(REPO, ["notes.json"])["notes.json"]
+    assert path.read_bytes() == NOTES
+    gets = repo.content_gets("notes.json")
+    assert [(g.status, g.range, g.body_bytes_sent) for g in gets] == [(200, None, 300_000), (200, "bytes=300000-", len(NOTES))]
+    assert not [b for b in _blobs() if b.endswith((".incomplete", ".partial", ".lock"))]
