@@ -155,6 +155,32 @@ def attach_copy(kind: str, hf, *, tokenizer: bool = False):
         return attach(build_bridge_from_module(hf, type(hf).__name__, hf_config=hf.config))
 
 
+def run_concurrently(run, inputs: list, n_threads: int) -> dict:
+    """``{i: run(thread, inputs[i])}`` with the inputs spread over ``n_threads`` threads released together by
+    a barrier (so their calls overlap); any exception in a thread fails the test."""
+    import threading
+
+    got: dict = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n_threads)
+
+    def worker(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(t, len(inputs), n_threads):
+                got[i] = run(t, inputs[i])
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert errors == [], errors
+    return got
+
+
 TL_KINDS = ["bridge_native", "bridge_hf", "hooked_transformer"]
 
 

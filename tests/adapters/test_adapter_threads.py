@@ -10,14 +10,13 @@ nnsight model per thread; concurrent plain calls share one model.
 from __future__ import annotations
 
 import copy
-import threading
 import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from conftest import build_tl_model, tiny_hf_gpt2
+from conftest import build_tl_model, run_concurrently, tiny_hf_gpt2
 from sae_hooks.saes.registry import make_sae
 
 N_THREADS, CALLS, SKIPPED = 4, 6, 7
@@ -44,25 +43,7 @@ def _inputs() -> list[torch.Tensor]:
 
 def _concurrently(run: Callable[[int, torch.Tensor], torch.Tensor], inputs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """``{i: run(thread, inputs[i])}`` with the inputs spread over ``N_THREADS`` threads started together."""
-    got: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(N_THREADS)
-
-    def worker(t: int) -> None:
-        try:
-            barrier.wait()
-            for i in range(t, len(inputs), N_THREADS):
-                got[i] = run(t, inputs[i])
-        except BaseException as e:  # noqa: BLE001 - asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
-    assert errors == [], errors
-    return got
+    return run_concurrently(run, inputs, N_THREADS)
 
 
 def _assert_same(got: dict[int, torch.Tensor], expected: list[torch.Tensor]) -> None:

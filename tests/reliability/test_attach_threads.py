@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from conftest import tiny_hf_gpt2
+from conftest import run_concurrently, tiny_hf_gpt2
 from sae_hooks.adapters.torch import attach
 from sae_hooks.saes.registry import make_sae
 
@@ -48,24 +48,7 @@ def test_concurrent_calls_equal_their_single_thread_results() -> None:
     model.add_sae(_sae(), site="transformer.h.0", skip_tokens=[7], error_term=False)
     inputs = _inputs()
     expected = [_run(model, ids) for ids in inputs]  # one at a time
-    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(N_THREADS)
-
-    def worker(t: int) -> None:
-        try:
-            barrier.wait()
-            for i in range(t, len(inputs), N_THREADS):
-                got[i] = _run(model, inputs[i])
-        except BaseException as e:  # noqa: BLE001 - asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
-    assert errors == []
+    got = run_concurrently(lambda t, ids: _run(model, ids), inputs, N_THREADS)
     wrong = [i for i in range(len(inputs))
              if not (torch.equal(got[i][0], expected[i][0]) and torch.equal(got[i][1], expected[i][1]))]
     assert wrong == [], f"{len(wrong)} of {len(inputs)} concurrent calls differ from their single-thread result"
@@ -110,18 +93,11 @@ def test_generation_state_is_per_thread(n: int) -> None:
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         alone = [model.generate(p, **kw) for p in prompts]
-    got: dict[int, torch.Tensor] = {}
-    barrier = threading.Barrier(n)
 
-    def worker(i: int) -> None:
-        barrier.wait()
+    def generate(t: int, prompt: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            got[i] = model.generate(prompts[i], **kw)
+            return model.generate(prompt, **kw)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
+    got = run_concurrently(generate, prompts, n)  # thread i generates from prompt i
     for i in range(n):
         assert torch.equal(got[i], alone[i])
