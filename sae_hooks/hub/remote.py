@@ -185,11 +185,15 @@ def list_files(
                 f"local cache ({hub_cache_dir(cache_dir)}). Go online once to download it."
             )
         return cached[1]
+    return sorted(_listing(lambda api: api.list_repo_files(repo_id, revision=rev, repo_type=repo_type, token=token),
+                           repo_id, repo_type, rev, token, cache_dir))
+
+
+def _listing(call: Callable[[HfApi], T], repo_id: str, repo_type: str, rev: str, token: str | bool | None,
+             cache_dir: str | os.PathLike[str] | None) -> T:
+    """A Hub listing call, bounded by :func:`hub_timeout`, its errors mapped to typed ones."""
     try:
-        return sorted(_bounded(
-            lambda: _api(token).list_repo_files(repo_id, revision=rev, repo_type=repo_type, token=token),
-            f"Listing {_repo_str(repo_id, repo_type)} at revision {rev!r}",
-        ))
+        return _bounded(lambda: call(_api(token)), f"Listing {_repo_str(repo_id, repo_type)} at revision {rev!r}")
     except HubUnavailableError:
         raise
     except Exception as err:  # noqa: BLE001 - mapped to typed errors, or re-raised
@@ -317,16 +321,8 @@ def snapshot(
     patterns = _as_list(allow_patterns) or []
     if offline:
         return _cached_snapshot(repo_id, patterns, ignore_patterns, rev, token, cache, repo_type)
-    try:
-        info = _bounded(
-            lambda: _api(token).repo_info(repo_id, revision=rev, repo_type=repo_type, token=token),
-            f"Listing {_repo_str(repo_id, repo_type)} at revision {rev!r}",
-        )
-    except HubUnavailableError:
-        raise
-    except Exception as err:  # noqa: BLE001 - mapped to typed errors, or re-raised
-        _raise_typed(err, repo_id=repo_id, repo_type=repo_type, revision=rev, token=token, cache_dir=cache)
-        raise
+    info = _listing(lambda api: api.repo_info(repo_id, revision=rev, repo_type=repo_type, token=token),
+                    repo_id, repo_type, rev, token, cache)
     commit = info.sha
     files = sorted(s.rfilename for s in info.siblings or [])
     wanted = list(filter_repo_objects(files, allow_patterns=patterns or None, ignore_patterns=_as_list(ignore_patterns)))
