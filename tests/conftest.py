@@ -181,6 +181,28 @@ def run_concurrently(run, inputs: list, n_threads: int) -> dict:
     return got
 
 
+def activation_folder(folder, widths: dict[str, int] | None = None, tokens: tuple[int, ...] = (512,)):
+    """A small activation folder as ``sae-hooks capture`` writes it: one ``shard_NNNNN.safetensors`` per entry
+    of ``tokens`` holding ``randn(n, width)`` for each site of ``widths`` (default ``{"s": 8}``; seeded), and
+    its ``manifest.json``. Returns ``folder``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    widths = widths or {"s": 8}
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    shards = []
+    for i, n in enumerate(tokens):
+        name = f"shard_{i:05d}.safetensors"
+        save_file({site: torch.randn(n, w, generator=g) for site, w in widths.items()}, str(folder / name))
+        shards.append({"file": name, "tokens": n})
+    manifest = {"format": "sae_hooks.activations", "version": 1, "sites": list(widths), "widths": widths,
+                "dtype": "float32", "shards": shards, "tokens": sum(tokens)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
 TL_KINDS = ["bridge_native", "bridge_hf", "hooked_transformer"]
 
 

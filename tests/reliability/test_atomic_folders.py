@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import activation_folder
 from sae_hooks import _atomic
 from sae_hooks._atomic import atomic_dir, atomic_dirs, folder_lock, recover
 from sae_hooks.errors import FolderLockedError, SAEHooksError
@@ -310,7 +311,7 @@ def test_cli_refuses_a_second_run_on_one_checkpoint_dir(tmp_path: Path, capsys: 
                 break
             time.sleep(0.05)
         acts = tmp_path / "acts"
-        rc = main(["train", "--activations", str(_tiny_capture(acts)), "--out", str(tmp_path / "o"),
+        rc = main(["train", "--activations", str(activation_folder(acts)), "--out", str(tmp_path / "o"),
                    "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--steps", "2", "--no-progress"])
     finally:
         proc.kill()
@@ -319,18 +320,6 @@ def test_cli_refuses_a_second_run_on_one_checkpoint_dir(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"PID {proc.pid}" in err
     assert not (tmp_path / "o").exists()
-
-
-def _tiny_capture(folder: Path) -> Path:
-    from safetensors.torch import save_file
-
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    save_file({"s": torch.randn(512, 8, generator=g)}, str(folder / "shard_00000.safetensors"))
-    manifest = {"format": "sae_hooks.activations", "version": 1, "sites": ["s"], "widths": {"s": 8},
-                "dtype": "float32", "shards": [{"file": "shard_00000.safetensors", "tokens": 512}], "tokens": 512}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
 
 
 def test_threads_saving_one_sae_serialise_without_errors(tmp_path: Path, lock_kind: str) -> None:

@@ -4,26 +4,14 @@ than asked. Resuming with another ``--batch-tokens`` is refused."""
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
+from conftest import activation_folder
 from sae_hooks.app import cli
 from sae_hooks.app.cli import main
-
-
-def _capture(folder: Path) -> Path:
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    save_file({"s": torch.randn(512, 8, generator=g)}, str(folder / "shard_00000.safetensors"))
-    manifest = {"format": "sae_hooks.activations", "version": 1, "sites": ["s"], "widths": {"s": 8},
-                "dtype": "float32", "shards": [{"file": "shard_00000.safetensors", "tokens": 512}], "tokens": 512}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
 
 
 T = ["train", "--out", "{out}"]
@@ -82,7 +70,7 @@ def _fill(args: list[str], tmp_path: Path) -> list[str]:
     (tmp_path / "afile").write_text("x")
     acts = tmp_path / "acts"
     if not acts.exists():
-        _capture(acts)
+        activation_folder(acts)
     return [a.format(out=tmp_path / "out", tmp=tmp_path, file=tmp_path / "afile", acts=acts) for a in args]
 
 
