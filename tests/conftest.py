@@ -203,6 +203,30 @@ def activation_folder(folder, widths: dict[str, int] | None = None, tokens: tupl
     return folder
 
 
+def random_relu_sae(d_in: int = 32, d_sae: int = 64, seed: int = 3):
+    """A ReLU SAE with every parameter drawn from N(0, 0.3²) (not the default init), seeded."""
+    from sae_hooks.saes.registry import make_sae
+
+    torch.manual_seed(seed)
+    sae = make_sae("relu", d_in, d_sae)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    return sae
+
+
+def token_batches(n: int, token: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` token batches ``(2, 6..10)`` (vocab 1..99) that each hold ``token`` in one column (1, 2 or 3),
+    e.g. a token that ``skip_tokens`` filters, at a different position from one batch to the next."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1, 100, (2, 6 + i % 5), generator=g)
+        ids[:, (i % 3) + 1] = token
+        out.append(ids)
+    return out
+
+
 TL_KINDS = ["bridge_native", "bridge_hf", "hooked_transformer"]
 
 

@@ -9,30 +9,18 @@ import threading
 import pytest
 import torch
 
-from conftest import run_concurrently, tiny_hf_gpt2
+from conftest import random_relu_sae, run_concurrently, tiny_hf_gpt2, token_batches
 from sae_hooks.adapters.torch import attach
-from sae_hooks.saes.registry import make_sae
 
 N_THREADS, CALLS = 4, 12
 
 
 def _sae() -> torch.nn.Module:
-    torch.manual_seed(3)
-    sae = make_sae("relu", 32, 64)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
-    return sae
+    return random_relu_sae()
 
 
 def _inputs() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(N_THREADS * CALLS):
-        ids = torch.randint(1, 100, (2, 6 + i % 5), generator=g)
-        ids[:, (i % 3) + 1] = 7  # the skipped token, at a different position in each input
-        out.append(ids)
-    return out
+    return token_batches(N_THREADS * CALLS, 7)  # 7 is skipped, at a different position in each input
 
 
 def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
