@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_hooks.app import cli
 from sae_hooks.app.cli import main
+from sae_hooks.app.commands import train as train_command
 
 
 def _capture(folder: Path) -> Path:
@@ -140,4 +140,4 @@ def test_dist_timeout_reaches_the_process_group(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(SystemExit):
         main(_fill(T + ["--distributed", "ddp", "--dist-timeout", "42.5"], tmp_path))
     assert seen["timeout"] == timedelta(seconds=42.5)
-    assert cli._DIST_TIMEOUT == 1800.0  # the default stays torch's 30 minutes
+    assert train_command.DIST_TIMEOUT == 1800.0  # the default stays torch's 30 minutes
