@@ -2,7 +2,7 @@
 
 >>> from sae_hooks.adapters.frameworks import as_framework
 >>> bridge = as_framework("transformer-lens", hf_model, tokenizer, folder)   # TransformerBridge
->>> lm = as_framework("nnsight", hf_model, tokenizer)                        # nnsight LanguageModel
+>>> lm = as_framework("nnsight", hf_model, tokenizer)                        # nnsight TransformersModel
 
 ``torch`` returns the model unchanged. Each framework is imported only when asked for. The wrapped model
 holds the same weights (no copy), so activations read through it equal the Hugging Face module's.
@@ -27,7 +27,8 @@ def as_framework(framework: str, hf_model: Any, tokenizer: Any, folder: str | os
     * ``"transformer-lens"``: a TransformerLens 4 ``TransformerBridge`` booted around ``hf_model``
       (``boot_transformers(folder, hf_model=..., tokenizer=...)``: no download, the bridge reads only the
       configuration from ``folder``); the bridge wraps the model's modules in place;
-    * ``"nnsight"``: an nnsight ``LanguageModel`` around ``hf_model`` with ``tokenizer``.
+    * ``"nnsight"``: an nnsight ``TransformersModel`` (0.8.1's name for ``LanguageModel``; ``LanguageModel``
+      on older releases) around ``hf_model`` with ``tokenizer``.
     """
     if framework == "torch":
         return hf_model
@@ -46,8 +47,10 @@ def as_framework(framework: str, hf_model: Any, tokenizer: Any, folder: str | os
         return TransformerBridge.boot_transformers(str(folder), hf_model=hf_model, tokenizer=tokenizer, **kwargs)
     if framework == "nnsight":
         try:
-            from nnsight import LanguageModel
+            import nnsight
         except ImportError as e:
             raise ConfigError("--framework nnsight needs nnsight 0.8: pip install 'sae-hooks[nnsight]'") from e
-        return LanguageModel(hf_model, tokenizer=tokenizer)
+        # nnsight 0.8.1 deprecates LanguageModel for TransformersModel (same envoy, same hooks)
+        cls = getattr(nnsight, "TransformersModel", None) or nnsight.LanguageModel
+        return cls(hf_model, tokenizer=tokenizer)
     raise ConfigError(f"unknown framework {framework!r}; choose one of {list(FRAMEWORKS)}")

@@ -9,7 +9,8 @@ the one after that position, so a resumed run continues exactly where the checkp
   ``dict[site, (N, d)]`` chunks, e.g. synthetic data with known features;
 * :class:`LiveSource`: a model run on token batches with hooks at several sites in ONE forward
   pass, the forward stopped once the last needed site has fired (a private exception raised from
-  that hook and caught here), BOS and padding tokens filtered out;
+  that hook and caught here), BOS and padding tokens filtered out. The model is a plain ``nn.Module``,
+  a TransformerLens model or an nnsight model (duck-typed: nothing here imports a framework);
 * :class:`DiskSource`: safetensors shards written by :func:`save_activations`, replayed in order or shuffled.
 
 Sites are given in any spelling :mod:`sae_hooks.sites` accepts: a TransformerLens hook name

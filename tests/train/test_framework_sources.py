@@ -19,8 +19,15 @@ pytest.importorskip("transformers")
 SITES = {
     "blocks.0.hook_resid_post": ("transformer.h.0", "output"),
     "blocks.0.ln2.hook_out": ("transformer.h.0.ln_2", "output"),  # MLP input: after ln_2's (random) affine
-    "transformer.h.1.mlp:input": ("transformer.h.1.mlp", "input"),
+    "blocks.1.mlp.hook_in": ("transformer.h.1.mlp", "input"),
     "blocks.1.hook_mlp_out": ("transformer.h.1.mlp", "output"),
+}
+#: module-path spellings per framework (a TL 4.3 bridge rewires the HF tree below each block, so there
+#: only block paths are module paths; through nnsight every HF path is)
+PATHS = {
+    "bridge": {"transformer.h.1": ("transformer.h.1", "output")},
+    "nnsight": {"transformer.h.1.mlp:input": ("transformer.h.1.mlp", "input"),
+                "transformer.h.0.ln_2": ("transformer.h.0.ln_2", "output")},
 }
 
 
@@ -57,11 +64,11 @@ def _batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _truth(hf, batch) -> dict[str, torch.Tensor]:
+def _truth(hf, batch, sites: dict[str, tuple[str, str]]) -> dict[str, torch.Tensor]:
     """The activations at every site by forward hooks on the HF modules, BOS and padding dropped."""
     got, handles = {}, []
     modules = dict(hf.named_modules())
-    for site, (path, side) in SITES.items():
+    for site, (path, side) in sites.items():
         if side == "output":
             fn = (lambda s: lambda m, a, o: got.__setitem__(s, (o[0] if isinstance(o, tuple) else o).detach().clone()))(site)
             handles.append(modules[path].register_forward_hook(fn))
@@ -81,13 +88,14 @@ def test_framework_source_delivers_the_hand_captured_activations(kind: str) -> N
     hf = _hf()
     ref = copy.deepcopy(hf)  # the truth comes from an unwrapped copy with the same weights
     model = _wrap(kind, hf)
+    sites = {**SITES, **PATHS[kind]}
     batches = _batches(2)
-    source = LiveSource(model, list(SITES), batches, bos_token_id=0)
+    source = LiveSource(model, list(sites), batches, bos_token_id=0)
     for batch in batches:
         chunk = source.next_chunk()
-        truth = _truth(ref, batch)
+        truth = _truth(ref, batch, sites)
         assert truth["blocks.0.ln2.hook_out"].norm() > 0 and truth["blocks.1.hook_mlp_out"].norm() > 0
-        for site in SITES:
+        for site in sites:
             # the bridge runs eager attention, the HF model its default kernel: float rounding only
             torch.testing.assert_close(chunk[site], truth[site], rtol=1e-5, atol=1e-5, msg=f"{kind} {site}")
     assert source.next_chunk() is None and source.forward_passes == 2
@@ -111,7 +119,7 @@ def _train(model, site: str, steps: int = 6) -> torch.nn.Module:
     entry = TrainEntry("e", site, make_sae("topk", 32, 64, k=4), TrainSettings(lr=3e-3, warmup_steps=0, seed=1))
     buffer = ShuffleBuffer(LiveSource(model, [site], batches, bos_token_id=0), batch_tokens=32, size_tokens=128, seed=0)
     Trainer([entry]).fit(buffer, max_steps=steps)
-    assert entry.state.step == steps - 2  # the first init_batches (3) batches train once the statistics are in
+    assert entry.state.step == steps and entry.state.skipped == 0
     return entry.final()
 
 
@@ -121,7 +129,10 @@ def test_training_through_a_framework_equals_training_on_the_hf_model(kind: str)
     reference = _train(copy.deepcopy(hf), "transformer.h.0")
     trained = _train(_wrap(kind, hf), "blocks.0.hook_resid_post")
     for name, tensor in reference.state_dict().items():
-        torch.testing.assert_close(trained.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{kind} {name}")
+        # float rounding of the activations only (the bridge runs its own attention kernel), which W_enc's folded
+        # input scale magnifies in absolute terms: compare relative to each tensor's norm
+        rel = (trained.state_dict()[name] - tensor).norm() / tensor.norm()
+        assert rel < 1e-4, (kind, name, rel.item())  # another site or data: ~1
     # and it learned something: the trained SAE reconstructs the activations better than its initialisation
     x = torch.cat([c["blocks.0.hook_resid_post"] for c in iter(LiveSource(_wrap(kind, _hf()), ["blocks.0.hook_resid_post"],
                                                                             _batches(2), bos_token_id=0).next_chunk, None)])
