@@ -294,13 +294,20 @@ def _check_pairs(model: Any, planned: list[Any], mlps: dict[str, Any], tokens: t
     from ...saes.jacobian import make_jsae_pair
     from ...train.jsae import check_mlp_input
 
-    for p in planned:
-        if p.objective == "jsae":
-            probe = make_jsae_pair(mlps[p.name], p.layer, 2, 1, hook_in=p.sites[0], hook_out=p.site_out)
-            try:
-                check_mlp_input(model, probe, tokens)
-            except ConfigError as e:
-                sys.exit(f"sae-hooks train: {p.group.where}: {e}")
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the probe batch holds BOS = pad id: transformers' attention-mask advice is noise
+    try:
+        for p in planned:
+            if p.objective == "jsae":
+                probe = make_jsae_pair(mlps[p.name], p.layer, 2, 1, hook_in=p.sites[0], hook_out=p.site_out)
+                try:
+                    check_mlp_input(model, probe, tokens)
+                except ConfigError as e:
+                    sys.exit(f"sae-hooks train: {p.group.where}: {e}")
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _entry(p: Any, widths: dict[str, int], mlps: dict[str, Any], args: argparse.Namespace, dev: Any) -> Any:
