@@ -138,6 +138,6 @@ def test_dist_timeout_reaches_the_process_group(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(distributed, "distributed_context", fake_context)
     with pytest.raises(SystemExit):
-        main(_fill(T + ["--distributed", "ddp", "--dist-timeout", "42.5"], tmp_path))
+        main(_fill(T + ["--activations", "{acts}", "--distributed", "ddp", "--dist-timeout", "42.5"], tmp_path))
     assert seen["timeout"] == timedelta(seconds=42.5)
     assert train_command.DIST_TIMEOUT == 1800.0  # the default stays torch's 30 minutes
