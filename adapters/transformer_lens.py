@@ -18,6 +18,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import inspect
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -196,26 +197,28 @@ class TransformerLensBackend(HookDictSites):
         """
         manager = self.manager
         assert manager is not None
-        pending: dict[str, Any] = {"tokens": None, "mask": None}
+        # What this thread's forward has seen so far (another thread's forward must not read it).
+        pending = threading.local()
 
         def root_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            pending["mask"] = kwargs.get("attention_mask")
+            pending.mask = kwargs.get("attention_mask")
 
         def embed_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("tokens"))
             if isinstance(tokens, Tensor) and tokens.dim() == 2 and not tokens.is_floating_point():
-                pending["tokens"] = tokens
+                pending.tokens = tokens
 
         def first_block_hook(resid: Tensor, hook: Any) -> None:
-            manager.begin_forward(pending["tokens"], resid.shape[1] if resid.dim() >= 2 else 0, pending["mask"])
-            pending["tokens"] = pending["mask"] = None
+            tokens, mask = getattr(pending, "tokens", None), getattr(pending, "mask", None)
+            manager.begin_forward(tokens, resid.shape[1] if resid.dim() >= 2 else 0, mask)
+            pending.tokens = pending.mask = None
 
         def inner_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             # run_with_cache / run_with_hooks call bridge.forward directly (the root pre-hook doesn't
             # fire); the wrapped HF model still receives the attention mask before the embedding runs.
             mask = kwargs.get("attention_mask")
             if isinstance(mask, Tensor) and mask.dim() == 2:
-                pending["mask"] = mask
+                pending.mask = mask
 
         self.model.register_forward_pre_hook(root_pre_hook, with_kwargs=True)
         inner = getattr(self.model, "original_model", None) if self.is_bridge else None

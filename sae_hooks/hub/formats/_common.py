@@ -224,10 +224,10 @@ def _module_path(hook: str, model_name: str) -> str | None:
         return None
     from ...sites import names as hooknames
 
-    # The formats that name ``lnN.hook_normalized`` (SAELens on a folded-LN HookedTransformer, Gemma Scope,
-    # sparsify, circuit-tracer) read the norm's *output*, the MLP/attention input: record that module site
-    # (``lnN.hook_out``), not the pre-affine value the name means on an unfolded model.
-    hook = re.sub(r"\.hook_normalized$", ".hook_out", hook) if re.search(r"(^|\.)ln(\d+|_final)(_post)?\.hook_normalized$", hook) else hook
+    # ``lnN.hook_normalized`` keeps its TransformerLens meaning (the norm's pre-affine value): that is the tensor
+    # the formats naming it trained on (SAELens and lm-saes run TransformerLens, where the hook sits before the
+    # scale; circuit-tracer maps it to ``<norm>.source.self__norm_0`` in nnsight). Formats that read the norm's
+    # output name ``lnN.hook_out`` / ``mlp.hook_in`` (Gemma Scope 2, sparsify, circuit-tracer's default).
     try:
         path, side = hooknames.to_module_path(hook, fam)
     except Exception:  # noqa: BLE001 - no translation for this hook: leave the module unknown

@@ -9,8 +9,10 @@ decides) and ``W_skip (d_model, d_model)`` used as ``x @ W_skip.T`` (ours: its t
 ``to_safetensors``) is read as TopK ``k``.
 
 Sites: ``config.yaml``'s ``feature_input_hook`` / ``feature_output_hook`` (block-relative TransformerLens names), else
-``mlp.hook_in`` -> ``hook_mlp_out`` (SAELens's ``mwhanna_transcoder`` convention); the layer is ``N``. ``mlp.hook_in``
-is the MLP's input (``ln2.hook_normalized``'s tensor), so its module path is taken from that name.
+``mlp.hook_in`` -> ``hook_mlp_out`` (SAELens's ``mwhanna_transcoder`` convention); the layer is ``N``. The names mean
+what they mean in circuit-tracer (``replacement_model_transformerlens.py`` / ``utils/tl_nnsight_mapping.py``):
+``mlp.hook_in`` is the MLP's input (the pre-MLP norm's output, after its scale), ``ln2.hook_normalized`` the norm's
+pre-affine value (``pre_feedforward_layernorm.source.self__norm_0`` there; TransformerLens's hook, before the scale).
 """
 
 from __future__ import annotations
@@ -108,8 +110,8 @@ def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
     model = opts.model_name
     site = make_site(hook, hook_out, model)
     if hook.endswith(".mlp.hook_in") and model:
-        # The MLP's input is ln2.hook_normalized's tensor; take its module path from that name.
-        site.module = make_site(hook[: -len("mlp.hook_in")] + "ln2.hook_normalized", None, model).module
+        # The MLP's input is the pre-MLP norm's output: record that module (same tensor, the norm's path).
+        site.module = make_site(hook[: -len("mlp.hook_in")] + "ln2.hook_out", None, model).module
     cfg = SAEConfig(
         architecture=arch,
         d_in=d_in,
