@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
@@ -117,7 +118,12 @@ class _HookPointRecorder:
         return bool(point.fwd_hooks or point.bwd_hooks)  # a backward hook alone needs the tensor too
 
     def __call__(self, name: str, value: Tensor) -> Tensor:
-        return self.points[name](value)
+        point = self.points[name]
+        if point.bwd_hooks and torch.is_grad_enabled() and value.is_floating_point() and not value.requires_grad:
+            # A tensor kept out of the graph (the detached error term) with a backward hook on it: pass a leaf
+            # that requires grad (same values) so the hook gets the gradient reaching it; nothing flows on.
+            value = value.detach().requires_grad_(True)
+        return point(value)
 
 
 class TransformerLensBackend(HookDictSites):

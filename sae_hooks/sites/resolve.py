@@ -129,25 +129,26 @@ def config_widths(cfg: Any) -> dict[str, int]:
     return {k: v for k, v in out.items() if v}
 
 
-# The width of every TransformerLens name whose width is fixed by the config (TL 2/3 and TL4 spellings).
+# The width of every TransformerLens name whose width is fixed by the config (TL 2/3 and TL4 spellings). TL4's
+# ``hook_in`` / ``hook_out`` are listed by component: other components' (rotary tables, token ids, per-head
+# projections) hold something else.
 _HOOK_WIDTHS = [
-    (re.compile(r"(^|\.)(hook_resid_(pre|mid|post)|hook_(attn|mlp)_out|hook_mlp_in|hook_in|hook_out|hook_normalized"
-                r"|hook_embed|hook_pos_embed|attn\.hook_hidden_states|(q|k|v)\.hook_in|o\.hook_out|mlp\.in\.hook_in"
-                r"|mlp\.gate\.hook_in|mlp\.out\.hook_out)$"), "d_model"),
-    (re.compile(r"mlp\.(hook_pre|hook_pre_linear|hook_post|(in|gate)\.hook_out|out\.hook_in)$"), "d_mlp"),
-    (re.compile(r"attn\.hook_z$"), "d_attn"),
-    (re.compile(r"(^|\.)(hook_unembed|unembed\.hook_out)$"), "d_vocab"),
+    (re.compile(r"^blocks\.\d+\.(hook_resid_(pre|mid|post)|hook_(attn|mlp)_out|hook_mlp_in)$|^hook_(pos_)?embed$"
+                r"|^(blocks\.\d+\.ln\w*|ln_final)\.hook_normalized$"
+                r"|^(blocks\.\d+(\.(attn|mlp|ln\w*))?|ln_final)\.hook_(in|out)$|^(embed|pos_embed)\.hook_out$"
+                r"|^unembed\.hook_in$|\.attn\.(q|k|v)\.hook_in$|\.attn\.o\.hook_out$"
+                r"|\.mlp\.(in|gate)\.hook_in$|\.mlp\.out\.hook_out$"), "d_model"),
+    (re.compile(r"\.mlp\.(hook_pre|hook_pre_linear|hook_post|(in|gate)\.hook_out|out\.hook_in)$"), "d_mlp"),
+    (re.compile(r"\.attn\.hook_z$"), "d_attn"),
+    (re.compile(r"^(hook_unembed|unembed\.hook_out)$"), "d_vocab"),
 ]
-# Names ending like the d_model ones above whose tensor is something else.
-_NOT_D_MODEL = re.compile(r"(^|\.)(embed|pos_embed)\.hook_in$|(^|\.)(q|k|v)\.hook_out$|o\.hook_in$|mlp\.(in|gate)\.hook_out$"
-                          r"|mlp\.out\.hook_in$|unembed\.hook_out$")
 
 
 def width_of_hook(name: str, widths: dict[str, int]) -> int | None:
     """The last-axis width of the tensor at TransformerLens hook ``name`` (``attn.hook_z`` flattened to
     ``n_heads * d_head``), from :func:`config_widths`; ``None`` when the name's width is not fixed."""
     for pattern, key in _HOOK_WIDTHS:
-        if pattern.search(name) and not (key == "d_model" and _NOT_D_MODEL.search(name)):
+        if pattern.search(name):
             return widths.get(key)
     return None
 

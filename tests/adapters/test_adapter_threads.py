@@ -10,59 +10,28 @@ nnsight model per thread; concurrent plain calls share one model.
 from __future__ import annotations
 
 import copy
-import threading
 import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from conftest import build_tl_model, tiny_hf_gpt2
-from sae_hooks.saes.registry import make_sae
+from conftest import build_tl_model, random_relu_sae, run_concurrently, tiny_hf_gpt2, token_batches
 
 N_THREADS, CALLS, SKIPPED = 4, 6, 7
 
 
 def _sae(seed: int = 3) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    sae = make_sae("relu", 32, 64)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
-    return sae
+    return random_relu_sae(seed=seed)
 
 
 def _inputs() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(N_THREADS * CALLS):
-        ids = torch.randint(1, 100, (2, 6 + i % 5), generator=g)
-        ids[:, (i % 3) + 1] = SKIPPED  # the filtered token, at a different position in each input
-        out.append(ids)
-    return out
+    return token_batches(N_THREADS * CALLS, SKIPPED)  # the filtered token, at a different position in each input
 
 
 def _concurrently(run: Callable[[int, torch.Tensor], torch.Tensor], inputs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """``{i: run(thread, inputs[i])}`` with the inputs spread over ``N_THREADS`` threads started together."""
-    got: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(N_THREADS)
-
-    def worker(t: int) -> None:
-        try:
-            barrier.wait()
-            for i in range(t, len(inputs), N_THREADS):
-                got[i] = run(t, inputs[i])
-        except BaseException as e:  # noqa: BLE001 - asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
-    assert errors == [], errors
-    return got
+    return run_concurrently(run, inputs, N_THREADS)
 
 
 def _assert_same(got: dict[int, torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -70,8 +39,8 @@ def _assert_same(got: dict[int, torch.Tensor], expected: list[torch.Tensor]) -> 
     assert wrong == [], f"{len(wrong)} of {len(expected)} concurrent calls differ from their single-thread result"
 
 
-@pytest.mark.parametrize("kind", ["bridge_hf", "bridge_native"])
-def test_transformer_lens_bridge_threads(kind: str) -> None:
+@pytest.mark.parametrize("kind", ["bridge_hf", "bridge_native", "hooked_transformer"])
+def test_transformer_lens_threads(kind: str) -> None:
     from sae_hooks.adapters.transformer_lens import attach
 
     torch.set_num_threads(1)

@@ -134,3 +134,40 @@ def test_no_grad_trace_serves_detached_values_and_changes_nothing() -> None:
     assert not err.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(logits, hf(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_every_tap_serves_its_gradient() -> None:
+    """Output, error, reconstruction, latents and input taps, in reverse forward order. With the error term
+    the site's output is ``recons + error``, so those three gradients are one; the input's comes through the
+    encoder (truth: autograd with the SAE's input as a leaf in a raw hook)."""
+    hf, sae = _model("gpt2"), _sae("relu")
+    tokens = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(11))
+    model = attach(nnsight.NNsight(copy.deepcopy(hf)))
+    model.add_sae(sae, error_term=True)
+    with model.trace(tokens):
+        taps = model.sae_taps[SITE]
+        x_in, latents = taps.hook_sae_input.output, taps.hook_sae_acts_post.output
+        recons, error, out = taps.hook_sae_recons.output, taps.hook_sae_error.output, taps.hook_sae_output.output
+        metric = _metric(model.output.logits)
+        with metric.backward():
+            g_out, g_err, g_rec = out.grad.save(), error.grad.save(), recons.grad.save()
+            g_lat, g_in = latents.grad.save(), x_in.grad.save()
+    truth = _truth(hf, sae, tokens)
+    for g in (g_out, g_err, g_rec):
+        torch.testing.assert_close(g, truth["error"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g_lat, truth["latents"], atol=1e-5, rtol=1e-4)
+    by_hand = copy.deepcopy(hf)
+    kept = {}
+
+    def hook(mod, args, o):  # noqa: ANN001, ANN202
+        x = o[0] if isinstance(o, tuple) else o
+        h = x.detach().requires_grad_(True)  # the SAE's input as a leaf
+        kept["x"] = h
+        x_hat = sae.encode(h) @ sae.W_dec + sae.b_dec
+        new = x_hat + (x - x_hat).detach()
+        return (new, *o[1:]) if isinstance(o, tuple) else new
+
+    by_hand.transformer.h[0].register_forward_hook(hook)
+    _metric(by_hand(tokens).logits).backward()
+    torch.testing.assert_close(g_in, kept["x"].grad, atol=1e-5, rtol=1e-4)
+

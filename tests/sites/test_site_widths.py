@@ -101,6 +101,33 @@ def test_tl_stated_widths_are_the_forward_widths(kind: str) -> None:
         assert sites.site_width(name) is not None, name
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "gpt_neox"])
+def test_bridge_of_every_family_states_forward_widths(family: str) -> None:
+    """Bridges over Llama/Gemma/Qwen3/NeoX carry rotary, per-head and q/k-norm hooks whose last axis is not a
+    model width: the stated widths must still all be the real ones."""
+    from conftest import tl_major
+
+    if (tl_major() or 0) < 4:
+        pytest.skip("build_bridge_from_module needs TransformerLens 4")
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    cfg, cls, arch = hf_family_cases()[family]
+    torch.manual_seed(0)
+    hf = cls(cfg).eval()
+    model = build_bridge_from_module(hf, arch, hf_config=hf.config)
+    sites = HookDictSites(model)
+    _, cache = model.run_with_cache(torch.randint(1, 100, (1, 5)))
+    known = 0
+    for name, x in cache.items():
+        stated = sites.site_width(name)
+        if stated is None:
+            continue
+        width = x.shape[-2] * x.shape[-1] if name.endswith("hook_z") and x.dim() == 4 else x.shape[-1]
+        assert stated == width, (name, stated, tuple(x.shape))
+        known += 1
+    assert known >= 40
+
+
 def _hooks(module: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 

@@ -27,7 +27,7 @@ from ..._files import read_safetensors
 from ...config import SAEConfig
 from ...errors import SAEFormatError
 from ...saes import SAE
-from ._common import LoadOptions, build, check_shape, file_dtype, make_site, t_, tensor
+from ._common import LoadOptions, build, check_shape, file_dtype, make_site, read_feature_hooks, t_, tensor
 
 NAME = "circuit_tracer"
 FILE = re.compile(r"^layer_(\d+)\.safetensors$")
@@ -43,24 +43,6 @@ def detect(files: list[str]) -> bool:
 
 def needed(files: list[str]) -> list[str]:
     return [next(f for f in files if FILE.match(f))] + ([CONFIG] if CONFIG in files else [])
-
-
-def _hooks(folder: Path) -> tuple[str, str]:
-    path = folder / CONFIG
-    if not path.exists():
-        return "mlp.hook_in", "hook_mlp_out"
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SAEFormatError(f"{path}: cannot read ({e})") from None
-    if not isinstance(cfg, dict):
-        raise SAEFormatError(f"{path}: expected a mapping, got {type(cfg).__name__}")
-    hin, hout = cfg.get("feature_input_hook", "mlp.hook_in"), cfg.get("feature_output_hook", "hook_mlp_out")
-    if not isinstance(hin, str) or not isinstance(hout, str):
-        raise SAEFormatError(f"{path}: feature_input_hook / feature_output_hook must be strings")
-    return hin, hout
 
 
 def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
@@ -105,7 +87,7 @@ def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
         W_skip = tensor(raw, "W_skip", src, 2)
         check_shape(W_skip, (d_out, d_in), "W_skip", src, "applied as x @ W_skip.T")
         state["W_skip"] = t_(W_skip)
-    hin, hout = _hooks(path.parent)
+    hin, hout = read_feature_hooks(path.parent / CONFIG, "mlp.hook_in", "hook_mlp_out")
     hook, hook_out = opts.hook or f"blocks.{layer}.{hin}", opts.hook_out or f"blocks.{layer}.{hout}"
     model = opts.model_name
     site = make_site(hook, hook_out, model)
