@@ -13,6 +13,7 @@ from conftest import activation_folder
 from sae_hooks.app.cli import main
 from sae_hooks.app.commands import train as train_command
 
+
 T = ["train", "--out", "{out}"]
 C = ["capture", "--site", "transformer.h.0", "--out", "{out}"]
 BAD: dict[str, tuple[list[str], str]] = {
