@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import activation_folder
-from sae_hooks.app import cli
 from sae_hooks.app.cli import main
+from sae_hooks.app.commands import train as train_command
 
 
 T = ["train", "--out", "{out}"]
@@ -126,9 +126,9 @@ def test_dist_timeout_reaches_the_process_group(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(distributed, "distributed_context", fake_context)
     with pytest.raises(SystemExit):
-        main(_fill(T + ["--distributed", "ddp", "--dist-timeout", "42.5"], tmp_path))
+        main(_fill(T + ["--activations", "{acts}", "--distributed", "ddp", "--dist-timeout", "42.5"], tmp_path))
     assert seen["timeout"] == timedelta(seconds=42.5)
-    assert cli._DIST_TIMEOUT == 1800.0  # the default stays torch's 30 minutes
+    assert train_command.DIST_TIMEOUT == 1800.0  # the default stays torch's 30 minutes
 
 
 @pytest.mark.parametrize("scale,why", [(0.0, "is 0"), (1e-30, "underflows"), (1e30, "overflows")])
