@@ -314,6 +314,35 @@ def table(raw: dict, cells: list, sides: list[str]) -> list[str]:
     return lines
 
 
+def compact_table(raw: dict, cells: list, sides: list[str]) -> list[str]:
+    """The README's table: one row per cell, step times, wall and CPU ratios to sparsify, peak RSS."""
+    head = ["cell (d_model/d_sae/k/tokens)", *[f"{LABEL[s]} step" for s in sides], "× sparsify (wall / CPU)",
+            "peak RSS GB (ours / sparsify)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in cells:
+        entry = raw.get(cell_name(cell), {"results": {}, "skipped": {}})
+        res, skipped = entry["results"], entry["skipped"]
+        row, step, cpu, peak = [cell_name(cell)], {}, {}, {}
+        for s in sides:
+            ok = [r for r in res.get(s, []) if "error" not in r]
+            step[s], cpu[s] = median_of(ok, "train"), median_of(ok, "cpu")
+            peak[s] = max((r["peak_gb"] for r in ok), default=None)
+            if s in skipped:
+                row.append(skipped[s])
+            elif step[s] is None:
+                errs = [r["error"] for r in res.get(s, []) if "error" in r]
+                row.append(errs[0] if errs else "not measured (time)")
+            else:
+                row.append(fmt_s(step[s]))
+        if step.get("ours") and step.get("sparsify"):
+            row.append(f"{step['sparsify'] / step['ours']:.2f}× / {cpu['sparsify'] / cpu['ours']:.2f}×")
+        else:
+            row.append("—")
+        row.append(" / ".join("—" if peak.get(s) is None else f"{peak[s]:.2f}" for s in ("ours", "sparsify")))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def summary(raw: dict, records: list[dict], cells: list, sides: list[str]) -> list[str]:
     """Counts, rounds and the load average over the recorded runs (1-minute, at start and end of each)."""
     names = [cell_name(c) for c in cells]
@@ -385,6 +414,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="keep the results file and run only what it lacks (default: start it anew, the old one kept aside)")
     ap.add_argument("--table-only", action="store_true", help="run nothing: build the table from the results file")
+    ap.add_argument("--compact", action="store_true", help="the short table (the README's): step times, ratios, peak RSS")
     ap.add_argument("--order", choices=("cost", "matrix"), default="cost",
                     help="cost: cheapest cells first (d_model·d_sae·tokens, then k), so a run cut short has the most cells")
     ap.add_argument("--one-round-from", type=float, metavar="GMAC",
@@ -438,7 +468,8 @@ def main() -> None:
     records = read_records(results)
     if not args.no_matrix:
         raw = raw_from_records(records, list(pythons))
-        lines += ["", *summary(raw, records, cells, list(pythons)), "", *table(raw, cells, list(pythons))]
+        rows = (compact_table if args.compact else table)(raw, cells, list(pythons))
+        lines += ["", *summary(raw, records, cells, list(pythons)), "", *rows]
     extras = [e.strip() for e in args.extras.split(",") if e.strip()]
     if "all" in extras:
         extras = list(EXTRA_TITLES)
