@@ -45,18 +45,24 @@ class BatchTopKSAE(SAE):
     def activate(self, pre: Tensor) -> Tensor:
         return torch.relu(pre) * (pre > self.threshold)
 
-    def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[Tensor | SparseLatents, Tensor | None]:
-        if not training:
-            pre = self.pre_acts(x)
-            return self.activate(pre), pre
-        # Training: the batch top-k, sparse (ragged latents over the flattened tokens), no pre-activations
-        # kept (AuxK recomputes the dead latents' columns only).
+    def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[Tensor, Tensor]:
+        """Dense latents; with ``training=True`` the batch top-k (:meth:`batch_topk`, the dense definition
+        that subclasses' losses and generic callers slice). :class:`BatchTopKTraining` itself uses
+        :meth:`encode_sparse_training`: the same latents, never dense."""
+        pre = self.pre_acts(x)
+        return (self.batch_topk(pre) if training else self.activate(pre)), pre
+
+    def encode_sparse_training(self, x: Tensor) -> SparseLatents:
+        """The training latents of ``x (..., d_in)`` (flattened to ``N`` tokens) as ragged
+        :class:`SparseLatents` (``crow`` set): the batch top-k chosen block by block, values through a
+        gather with a sparse backward; no ``(N, d_sae)`` tensor. Equal to :meth:`batch_topk` of the
+        pre-activations."""
         x_in = encoder_input(self, x).reshape(-1, self.cfg.d_in)
         b_enc = self.b_enc if self.has_encoder_bias else None
         n_keep = min(int(self.cfg.k) * x_in.shape[0], x_in.shape[0] * self.cfg.d_sae)  # type: ignore[arg-type]
         sel = batch_topk_select(x_in.detach(), self.W_enc, b_enc, n_keep)
         acts = torch.relu(gather_encode_ragged(x_in, self.W_enc, b_enc, sel))
-        return SparseLatents(acts, sel.cols, self.cfg.d_sae, crow=sel.crow), None
+        return SparseLatents(acts, sel.cols, self.cfg.d_sae, crow=sel.crow)
 
     def batch_topk(self, pre: Tensor) -> Tensor:
         """Training activation: the ``k * n_tokens`` largest ReLU'd pre-activations of the batch survive."""
@@ -80,15 +86,14 @@ class BatchTopKTraining(TrainingSpec):
 
     def loss(self, sae: BatchTopKSAE, x: Tensor, target: Tensor | None, settings: BatchTopKSettings, ctx: StepContext) -> LossOutput:
         y = x if target is None else target
-        f, pre = sae.encode_normalized(x, training=True)
+        f = sae.encode_sparse_training(x)  # AuxK then recomputes the dead latents' columns only
         out, y_hat = reconstruction_loss(sae, x, target, f, 0.0, scale=ctx.mse_scale)
-        aux = auxk_term(sae, x, None if pre is None else pre.detach(), (y - y_hat).detach(), settings, ctx)
+        aux = auxk_term(sae, x, None, (y - y_hat).detach(), settings, ctx)
         if aux is not None:
             out.loss = out.loss + aux
             out.metrics["aux"] = aux.detach()
         with torch.no_grad():
-            v = f.values if isinstance(f, SparseLatents) else f
-            kept = v[v > 0]
+            kept = f.values[f.values > 0]
             if kept.numel():
                 out.updates["min_kept"] = kept.min()
         return out

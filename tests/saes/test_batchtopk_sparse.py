@@ -162,3 +162,16 @@ def test_batchtopk_training_never_builds_a_dense_batch_by_d_sae_tensor(monkeypat
         out = BatchTopKTraining().loss(sae, x, None, BatchTopKSettings(aux_coefficient=0.0), StepContext(mse_scale=1.0))
         out.loss.backward()
     assert max(biggest) < N * L
+
+
+def test_sparse_training_latents_equal_the_dense_training_encoder() -> None:
+    """``encode_sparse_training`` (what BatchTopK's loss uses) and ``encode_normalized(training=True)``
+    (the dense definition, which Matryoshka's prefix losses slice) give the same latents."""
+    torch.manual_seed(6)
+    sae = make_sae("batchtopk", D, L, k=K, apply_b_dec_to_input=True).double()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(2, N, D, dtype=torch.float64)  # leading dims flatten to 2N tokens
+    dense, _ = sae.encode_normalized(x, training=True)
+    torch.testing.assert_close(sae.encode_sparse_training(x).to_dense(), dense.reshape(-1, L))
