@@ -42,7 +42,8 @@ test-tl3: $(VENV_TL3)/.installed
 	$(VENV_TL3)/bin/python -m pytest tests/adapters/test_transformer_lens_adapter.py tests/saes/test_saes.py tests/hub/test_native.py \
 		tests/sites/test_site_spellings.py tests/intervene/test_attach_vocabulary.py tests/sites/test_hooknames.py \
 		tests/adapters/test_saelens_spellings.py tests/adapters/test_inplace_edits.py tests/adapters/test_copies_and_resets.py \
-		tests/adapters/test_latent_gradients.py tests/intervene/test_attribution.py
+		tests/adapters/test_latent_gradients.py tests/intervene/test_attribution.py tests/sites/test_site_widths.py \
+		tests/adapters/test_adapter_threads.py tests/adapters/test_error_node_grads.py
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_splice.py

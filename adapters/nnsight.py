@@ -31,6 +31,11 @@ Order inside the hooked module: nnsight serves ``model.transformer.h[0].output``
 values in forward order, as nnsight requires: the site's ``.output``, then the taps in the order
 input, acts_post, recons, error, output, then later modules.
 
+Gradients: inside ``with metric.backward():`` in a trace, ``.grad`` of a tap's ``.output`` (taken before
+the backward block) is the gradient reaching it, in reverse forward order (nnsight's rule): with autograd
+on, the forward pass continues from the served tensor, and the detached error term is served as a leaf
+that requires grad.
+
 ``model.sae_capture()`` (the torch adapter's opt-in cache) works too, in and out of traces.
 """
 
@@ -148,9 +153,18 @@ class _TapRecorder:
             if self.backend.awaited(self.paths[name]):
                 # A worker may edit the served tensor in place: hand it a copy, and report a change
                 # by returning a new object (the intervention decodes only what changed).
-                served = value.clone()
+                grad = torch.is_grad_enabled() and value.is_floating_point()
+                if grad and not value.requires_grad:
+                    # A tensor kept out of the graph (the detached error term): serve it as a leaf that
+                    # requires grad, so ``.grad`` in ``with metric.backward():`` reads the gradient that
+                    # reaches it (nothing flows on into the model's own activation).
+                    served = value.detach().clone().requires_grad_(True)
+                else:
+                    served = value.clone()
                 out = tap(served)
-                if not (out is served and torch.equal(served, value)):
+                if grad or not (out is served and torch.equal(served, value)):
+                    # With autograd on, the forward pass continues from the served tensor (same values),
+                    # so a backward from the model's output reaches it and its ``.grad`` is served.
                     value = out
             else:
                 value = tap(value)

@@ -146,6 +146,11 @@ class _CacheRecorder:
         # A KV-cached generation step feeds only the new tokens: append them along the position axis,
         # so the cache holds every step (a forward from position 0 starts afresh).
         stepping = manager is not None and manager._generating and manager.context.position_offset > 0
+        if (torch.is_grad_enabled() and value.is_floating_point() and not value.requires_grad
+                and any(not c.detach and c.selects(key) for c in self.backend.captures)):
+            # Recorded for gradients but kept out of the graph (the detached error term): record a leaf that
+            # requires grad (same values) and continue the forward from it, so its gradient can be taken.
+            value = value.detach().requires_grad_(True)
         for capture in self.backend.captures:
             if capture.selects(key):
                 new = value.detach() if capture.detach else value

@@ -18,10 +18,12 @@ import functools
 import importlib.metadata
 import importlib.util
 import inspect
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sae_hooks.intervene import RECORD_NAMES, Remover, SAEManager
@@ -116,7 +118,12 @@ class _HookPointRecorder:
         return bool(point.fwd_hooks or point.bwd_hooks)  # a backward hook alone needs the tensor too
 
     def __call__(self, name: str, value: Tensor) -> Tensor:
-        return self.points[name](value)
+        point = self.points[name]
+        if point.bwd_hooks and torch.is_grad_enabled() and value.is_floating_point() and not value.requires_grad:
+            # A tensor kept out of the graph (the detached error term) with a backward hook on it: pass a leaf
+            # that requires grad (same values) so the hook gets the gradient reaching it; nothing flows on.
+            value = value.detach().requires_grad_(True)
+        return point(value)
 
 
 class TransformerLensBackend(HookDictSites):
@@ -196,26 +203,28 @@ class TransformerLensBackend(HookDictSites):
         """
         manager = self.manager
         assert manager is not None
-        pending: dict[str, Any] = {"tokens": None, "mask": None}
+        # What this thread's forward has seen so far (another thread's forward must not read it).
+        pending = threading.local()
 
         def root_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            pending["mask"] = kwargs.get("attention_mask")
+            pending.mask = kwargs.get("attention_mask")
 
         def embed_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("tokens"))
             if isinstance(tokens, Tensor) and tokens.dim() == 2 and not tokens.is_floating_point():
-                pending["tokens"] = tokens
+                pending.tokens = tokens
 
         def first_block_hook(resid: Tensor, hook: Any) -> None:
-            manager.begin_forward(pending["tokens"], resid.shape[1] if resid.dim() >= 2 else 0, pending["mask"])
-            pending["tokens"] = pending["mask"] = None
+            tokens, mask = getattr(pending, "tokens", None), getattr(pending, "mask", None)
+            manager.begin_forward(tokens, resid.shape[1] if resid.dim() >= 2 else 0, mask)
+            pending.tokens = pending.mask = None
 
         def inner_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             # run_with_cache / run_with_hooks call bridge.forward directly (the root pre-hook doesn't
             # fire); the wrapped HF model still receives the attention mask before the embedding runs.
             mask = kwargs.get("attention_mask")
             if isinstance(mask, Tensor) and mask.dim() == 2:
-                pending["mask"] = mask
+                pending.mask = mask
 
         self.model.register_forward_pre_hook(root_pre_hook, with_kwargs=True)
         inner = getattr(self.model, "original_model", None) if self.is_bridge else None

@@ -4,8 +4,8 @@
 The embedded model (``d_model`` 128) at ``transformer.h.1`` over ``--tokens`` tokens of Python's pydoc
 topics (cycled), with ``--latents``:
 
-* ``sae``: a random TopK SAE (``--d-sae``, ``--k``; random weights fire almost every latent, the worst
-  case for the page writer) encodes the real activations (end to end);
+* ``sae``: a random TopK SAE (``--d-sae``, ``--k``) encodes the real activations (end to end; at d_sae
+  131,072 over 10^6 tokens its random weights fire 39,948 latents, each of which gets a page);
 * ``synthetic``: the SAE encoder is replaced by ``k`` latents per token drawn from a Zipf-like frequency
   distribution with exponential values, so the dashboard machinery (collector + pages) can be timed at
   full scale without the encoder's dense ``(tokens, d_in) @ (d_in, d_sae)`` product, which is the SAE's

@@ -7,7 +7,8 @@ forward pass, BOS excluded on both sides), optimiser (Adam; AuxK off on both: no
 in so few steps), measured in the same run. sparsify runs in a subprocess with the Python of its own
 virtual environment (``.venv-ref-sparsify`` or ``.venv-bench-sparsify``: ``torch==2.13.0`` then
 ``eai-sparsify==1.3.3``). Each side trains ``--warmup`` steps first (not timed), then ``--steps``
-timed steps; model forward and SAE step are both included.
+timed steps; model forward and SAE step are both included. ``--rounds`` runs per side, interleaved
+(ours, sparsify, ours, ...); medians.
 
     python benchmarks/bench_train.py [--device cuda] [--d-sae 4096 --k 32 --steps 50]
     python benchmarks/bench_train.py --gpt2-small      # random GPT-2-small-shaped model, site h.6, d_sae 32768
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -111,6 +113,7 @@ def main() -> None:
     ap.add_argument("--gpt2-small", action="store_true",
                     help="a randomly initialised GPT-2-small-shaped model (768 wide, 12 layers); layer 6, "
                          "d_sae 32768, 8 x 128 tokens, 5 steps unless given")
+    ap.add_argument("--rounds", type=int, default=3, help="fresh runs per side, interleaved; medians reported")
     ap.add_argument("--sparsify-python", help="the Python of a venv with eai-sparsify==1.3.3")
     args = ap.parse_args()
     if args.gpt2_small:
@@ -148,27 +151,36 @@ def main() -> None:
     ids[:, 0] = 0
     tokens = args.steps * args.seqs * (args.seq_len - 1)
 
-    t_ours = ours(args, ids)
-    print(f"sae-hooks : {tokens / t_ours:10,.0f} tok/s  ({args.steps} steps, {t_ours:.2f}s)")
     py = find_sparsify_python(args.sparsify_python)
     if py is None:
         print("sparsify venv not found (.venv-ref-sparsify / .venv-bench-sparsify); no comparison")
-        return
+    t_ours, t_sp = [], []
     with tempfile.TemporaryDirectory() as tmp:
         ids_path = Path(tmp) / "ids.pt"
         torch.save(ids, ids_path)
         child_args = {**vars(args), "ids": str(ids_path), "model": args.model}
-        proc = subprocess.run([str(py), "-c", SPARSIFY_CHILD, json.dumps(child_args)], capture_output=True, text=True,
-                              env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": ""})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        print("sparsify run failed:\n" + proc.stdout[-2000:] + proc.stderr[-4000:])
+        for _ in range(args.rounds):  # interleaved: ours, sparsify, ours, ...
+            t_ours.append(ours(args, ids))
+            if py is None:
+                continue
+            proc = subprocess.run([str(py), "-c", SPARSIFY_CHILD, json.dumps(child_args)], capture_output=True,
+                                  text=True, env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": ""})
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print("sparsify run failed:\n" + proc.stdout[-2000:] + proc.stderr[-4000:])
+                py = None
+                continue
+            t_sp.append(json.loads(lines[-1][7:])["seconds"])
+    med = statistics.median
+    print(f"sae-hooks : {tokens / med(t_ours):10,.0f} tok/s  ({args.steps} steps, median {med(t_ours):.2f}s of "
+          f"{', '.join(f'{t:.2f}' for t in t_ours)})")
+    if not t_sp:
         return
-    t_sp = json.loads(lines[-1][7:])["seconds"]
-    print(f"sparsify  : {tokens / t_sp:10,.0f} tok/s  ({args.steps} steps, {t_sp:.2f}s)")
-    print(f"ratio (sae-hooks / sparsify): {t_sp / t_ours:.2f}x   "
+    print(f"sparsify  : {tokens / med(t_sp):10,.0f} tok/s  ({args.steps} steps, median {med(t_sp):.2f}s of "
+          f"{', '.join(f'{t:.2f}' for t in t_sp)})")
+    print(f"ratio (sae-hooks / sparsify): {med(t_sp) / med(t_ours):.2f}x   "
           f"[d_model {AutoConfig.from_pretrained(args.model).n_embd}, layer {args.layer}, d_sae {args.d_sae}, k {args.k}, "
-          f"{args.seqs}x{args.seq_len} tokens/batch, device {args.device}]")
+          f"{args.seqs}x{args.seq_len} tokens/batch, device {args.device}, {args.rounds} rounds interleaved]")
 
 
 if __name__ == "__main__":

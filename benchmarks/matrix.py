@@ -6,6 +6,14 @@ One command, one table (markdown, printed and written to ``--out``):
     python benchmarks/matrix.py                   # the full matrix (hours on 2 CPU cores)
     python benchmarks/matrix.py --quick           # a small subset while developing
     python benchmarks/matrix.py --cells '768/*/32/2048,512/16384/*/*'   # d_model/d_sae/k/tokens, * = any
+    python benchmarks/matrix.py --resume          # continue a run that was cut short
+    python benchmarks/matrix.py --table-only      # rebuild the table from the results file
+
+Every finished side process is appended at once as one JSON line to the results file (``--results``,
+default ``--out`` with ``.jsonl``), so a run cut short still yields a table (``--table-only``; cells
+without a record are "not measured (time)") and ``--resume`` runs only what is missing. Cells run
+cheapest first (``--order cost``); ``--one-round-from GMAC`` gives the biggest cells one round;
+``--time-cap saelens=600`` leaves a side out of the cells its measured cost predicts over the cap.
 
 For every cell (``d_model`` ∈ {512, 768, 2048} × ``d_sae`` ∈ {16384, 32768, 131072} × ``k`` ∈
 {32, 128} × tokens per step ∈ {2048, 8192}) each side runs in a fresh process with its own Python
@@ -88,14 +96,19 @@ def estimate_gb(side: str, d: int, L: int, k: int, n: int) -> float:
     return (params + act + extra) / 2**30 + 0.5
 
 
-def run_child(python: str, args: dict, limit_gb: float, env: dict) -> dict:
-    """Run one side; kill it if its RSS crosses ``limit_gb``."""
+def run_child(python: str, args: dict, limit_gb: float, env: dict, timeout: float | None = None) -> dict:
+    """Run one side; kill it if its RSS crosses ``limit_gb`` or it runs past ``timeout`` seconds."""
     proc = subprocess.Popen([python, str(HERE / "_sides.py"), json.dumps(args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    killed = {"rss": 0.0}
+    killed = {"rss": 0.0, "time": False}
+    start = time.monotonic()
 
     def watch() -> None:
         while proc.poll() is None:
+            if timeout is not None and time.monotonic() - start > timeout:
+                killed["time"] = True
+                proc.kill()
+                break
             try:
                 with open(f"/proc/{proc.pid}/status") as f:
                     rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 2**20
@@ -113,6 +126,8 @@ def run_child(python: str, args: dict, limit_gb: float, env: dict) -> dict:
     t.join()
     if killed["rss"]:
         return {"error": f"over {limit_gb:.0f} GB"}
+    if killed["time"]:
+        return {"error": f"over the {timeout / 60:.0f} min time cap"}
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         return {"error": (err.strip().splitlines() or ["failed"])[-1][:200]}
@@ -128,19 +143,80 @@ def median_of(results: list[dict], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def bench_cells(args: argparse.Namespace, cells: list, pythons: dict[str, str], on_cell=None) -> tuple[list[str], dict]:  # noqa: ANN001
-    """Run every cell; ``on_cell(rows, raw)`` after each (the table so far, so a long run can be read early)."""
+def gmac(c: tuple[int, int, int, int]) -> float:
+    """The cell's size: multiply-adds of its dense encoder product, in units of 10^9 (d_model·d_sae·tokens)."""
+    d, L, _k, n = c
+    return d * L * n / 1e9
+
+
+def order_cells(cells: list, order: str) -> list:
+    """``matrix`` (the grid's order) or ``cost`` (cheapest first: size, then k), so a run cut short has
+    the most cells."""
+    return sorted(cells, key=lambda c: (gmac(c), c[2], c)) if order == "cost" else list(cells)
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every record of a results file (one JSON object per line; a truncated last line is ignored)."""
+    if not path.exists():
+        return []
+    recs = []
+    for line in path.read_text().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return recs
+
+
+def append_record(path: Path, rec: dict) -> None:
+    """One line per finished measurement, flushed at once: a run cut short loses at most the one in flight."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def seconds_per_gmac(records: list[dict], side: str) -> float | None:
+    """The median measured step time per GMAC of ``side`` (its cost model, for the time caps)."""
+    vals = []
+    for r in records:
+        if r.get("side") == side and "result" in r and "error" not in r["result"]:
+            c = tuple(map(int, r["cell"].split("/")))
+            vals += [t / gmac(c) for t in r["result"]["train"]]  # type: ignore[arg-type]
+    return statistics.median(vals) if vals else None
+
+
+def bench_cells(args: argparse.Namespace, cells: list, pythons: dict[str, str], results: Path) -> None:
+    """Run every cell not yet in ``results`` (fewer than its rounds recorded per side), appending each
+    finished side process as one record."""
     # PASSIVE: idle OpenMP threads sleep instead of spinning, so CPU time counts work, not waiting
     # (a shared machine makes wall time noisy; the table reports both). Same for every side.
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    raw: dict = {}
+    caps = parse_caps(args.time_cap)
     for cell in cells:
         d, L, k, n = cell
-        res: dict[str, list[dict]] = {s: [] for s in pythons}
-        skipped = {s: estimate_gb(s, d, L, k, n) for s in pythons if estimate_gb(s, d, L, k, n) > args.mem_limit_gb}
-        for r in range(args.rounds):
+        name = cell_name(cell)
+        rounds = 1 if args.one_round_from is not None and gmac(cell) >= args.one_round_from else args.rounds
+        records = read_records(results) if args.resume else []
+        done = {s: sum(1 for r in records if r.get("cell") == name and r.get("side") == s) for s in pythons}
+        for s in pythons:
+            est = estimate_gb(s, d, L, k, n)
+            if est > args.mem_limit_gb and not done[s]:
+                append_record(results, {"cell": name, "side": s, "skipped": "memory", "est_gb": round(est, 2),
+                                        "limit_gb": args.mem_limit_gb})
+                done[s] = rounds
+        for s in caps:
+            per = seconds_per_gmac(read_records(results), s)
+            if s in pythons and per is not None and not done[s]:
+                est_s = per * gmac(cell) * (args.warmup + args.steps + 2 * (args.infer + 1) / 3) + 15
+                if est_s > caps[s]:
+                    append_record(results, {"cell": name, "side": s, "skipped": "time", "est_s": round(est_s),
+                                            "cap_s": caps[s]})
+                    done[s] = rounds
+        for r in range(rounds):
             for side, py in pythons.items():
-                if side in skipped:
+                if done[side] > r:
                     continue
                 child = {"side": side, "d_in": d, "d_sae": L, "k": k, "tokens": n, "steps": args.steps,
                          "warmup": args.warmup, "threads": args.threads, "infer": args.infer, "lr": 1e-4,
@@ -151,20 +227,47 @@ def bench_cells(args: argparse.Namespace, cells: list, pythons: dict[str, str], 
                 elif side == "ours" and args.ours_src:
                     child_env["PYTHONPATH"] = args.ours_src
                 t0 = time.perf_counter()
-                out = run_child(py, child, args.mem_limit_gb, child_env)
-                res[side].append(out)
+                load0 = os.getloadavg()[0]
+                out = run_child(py, child, args.mem_limit_gb, child_env, timeout=2 * caps[side] if side in caps else None)
+                append_record(results, {"cell": name, "side": side, "round": r + 1, "result": out,
+                                        "wall_s": round(time.perf_counter() - t0, 1),
+                                        "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                                        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "settings": {k_: child[k_] for k_ in ("steps", "warmup", "threads", "device", "bf16")}})
                 msg = out.get("error") or f"step {fmt_s(statistics.median(out['train']))} peak {out['peak_gb']:.2f} GB"
-                print(f"  [{cell_name(cell)} round {r + 1}] {LABEL[side]:>22}: {msg}  ({time.perf_counter() - t0:.0f}s)",
+                print(f"  [{name} round {r + 1}] {LABEL[side]:>22}: {msg}  ({time.perf_counter() - t0:.0f}s)",
                       file=sys.stderr, flush=True)
-        raw[cell_name(cell)] = {"results": res, "skipped": skipped}
-        if on_cell is not None:
-            done = [c for c in cells if cell_name(c) in raw]
-            on_cell(table(raw, done, pythons, args), raw)
-    return table(raw, cells, pythons, args), raw
 
 
-def table(raw: dict, cells: list, pythons: dict, args: argparse.Namespace) -> list[str]:
-    sides = list(pythons)
+def parse_caps(spec: str) -> dict[str, float]:
+    caps = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        side, _, sec = part.partition("=")
+        if side not in LABEL or not sec:
+            sys.exit(f"--time-cap: {part!r} is not side=seconds (sides: {', '.join(LABEL)})")
+        caps[side] = float(sec)
+    return caps
+
+
+def raw_from_records(records: list[dict], sides: list[str]) -> dict:
+    """``{cell: {"results": {side: [result, ...]}, "skipped": {side: reason}}}`` from a results file."""
+    raw: dict = {}
+    for r in records:
+        if "cell" not in r or r.get("side") not in sides:
+            continue
+        entry = raw.setdefault(r["cell"], {"results": {s: [] for s in sides}, "skipped": {}, "load": []})
+        if "skipped" in r:
+            entry["skipped"][r["side"]] = (f"did not fit (est. {r['est_gb']:.1f} GB > {r['limit_gb']:.0f})"
+                                           if r["skipped"] == "memory" else
+                                           f"not run (est. {r['est_s']:.0f} s > {r['cap_s']:.0f} s cap)")
+        else:
+            entry["results"][r["side"]].append(r["result"])
+            entry["load"] += r.get("load", [])
+    return raw
+
+
+def table(raw: dict, cells: list, sides: list[str]) -> list[str]:
+    """The markdown table of ``cells``; a cell or side without a record is "not measured (time)"."""
     others = [s for s in sides if s != "ours"]
     head = ["d_model", "d_sae", "k", "tokens/step"]
     for s in sides:
@@ -176,18 +279,18 @@ def table(raw: dict, cells: list, pythons: dict, args: argparse.Namespace) -> li
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in cells:
         d, L, k, n = cell
-        entry = raw[cell_name(cell)]
+        entry = raw.get(cell_name(cell), {"results": {}, "skipped": {}})
         res, skipped = entry["results"], entry["skipped"]
         row = [str(d), f"{L:,}", str(k), f"{n:,}"]
         step = {}
         for s in sides:
             if s in skipped:
-                row += [f"did not fit (est. {skipped[s]:.1f} GB)", "—"]
+                row += [skipped[s], "—"]
                 continue
-            errs = [r["error"] for r in res[s] if "error" in r]
-            step[s] = median_of(res[s], "train")
+            errs = [r["error"] for r in res.get(s, []) if "error" in r]
+            step[s] = median_of(res.get(s, []), "train")
             if step[s] is None:
-                row += [errs[0] if errs else "—", "—"]
+                row += [errs[0] if errs else "not measured (time)", "—"]
             else:
                 row += [fmt_s(step[s]), f"{n / step[s]:,.0f}"]
         for s in others:
@@ -197,18 +300,86 @@ def table(raw: dict, cells: list, pythons: dict, args: argparse.Namespace) -> li
         for s in others:
             row.append(f"{cpu[s] / cpu['ours']:.2f}×" if cpu.get(s) and cpu.get("ours") else "—")
 
-        def per_side(key: str, f) -> str:  # noqa: ANN001
+        def per_side(f) -> str:  # noqa: ANN001
             vals = []
             for s in sides:
                 ok = [r for r in res.get(s, []) if "error" not in r]
                 vals.append(f(ok) if ok else "—")
             return " / ".join(vals)
 
-        row.append(per_side("peak", lambda ok: f"{max(r['peak_gb'] for r in ok):.2f}"))
-        row.append(per_side("enc", lambda ok: f"{n / statistics.median([v for r in ok for v in r['encode']]):,.0f}"))
-        row.append(per_side("dec", lambda ok: f"{n / statistics.median([v for r in ok for v in r['decode']]):,.0f}"))
+        row.append(per_side(lambda ok: f"{max(r['peak_gb'] for r in ok):.2f}"))
+        row.append(per_side(lambda ok: f"{n / statistics.median([v for r in ok for v in r['encode']]):,.0f}"))
+        row.append(per_side(lambda ok: f"{n / statistics.median([v for r in ok for v in r['decode']]):,.0f}"))
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def compact_table(raw: dict, cells: list, sides: list[str]) -> list[str]:
+    """The README's table: one row per cell, step times, wall and CPU ratios to sparsify, peak RSS."""
+    head = ["cell (d_model/d_sae/k/tokens)", *[f"{LABEL[s]} step" for s in sides], "× sparsify (wall / CPU)",
+            "peak RSS GB (ours / sparsify)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in cells:
+        entry = raw.get(cell_name(cell), {"results": {}, "skipped": {}})
+        res, skipped = entry["results"], entry["skipped"]
+        row, step, cpu, peak = [cell_name(cell)], {}, {}, {}
+        for s in sides:
+            ok = [r for r in res.get(s, []) if "error" not in r]
+            step[s], cpu[s] = median_of(ok, "train"), median_of(ok, "cpu")
+            peak[s] = max((r["peak_gb"] for r in ok), default=None)
+            if s in skipped:
+                row.append(skipped[s])
+            elif step[s] is None:
+                errs = [r["error"] for r in res.get(s, []) if "error" in r]
+                row.append(errs[0] if errs else "not measured (time)")
+            else:
+                row.append(fmt_s(step[s]))
+        if step.get("ours") and step.get("sparsify"):
+            row.append(f"{step['sparsify'] / step['ours']:.2f}× / {cpu['sparsify'] / cpu['ours']:.2f}×")
+        else:
+            row.append("—")
+        row.append(" / ".join("—" if peak.get(s) is None else f"{peak[s]:.2f}" for s in ("ours", "sparsify")))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def summary(raw: dict, records: list[dict], cells: list, sides: list[str]) -> list[str]:
+    """Counts, rounds and the load average over the recorded runs (1-minute, at start and end of each)."""
+    names = [cell_name(c) for c in cells]
+    measured = [c for c in names if c in raw and any(raw[c]["results"].get(s) for s in sides)]
+    loads = [v for c in measured for v in raw[c].get("load", [])]
+    rounds = {}
+    for r in records:
+        if r.get("cell") in names and "result" in r:
+            rounds.setdefault((r["cell"], r["side"]), 0)
+            rounds[(r["cell"], r["side"])] += 1
+    out = [f"{len(measured)} of {len(names)} cells measured; {len(names) - len(measured)} not measured (time)."]
+    if rounds:
+        out[0] += f" Fresh processes per side and cell: {min(rounds.values())}-{max(rounds.values())}."
+    if loads:
+        out.append(f"Load average (1 min) during the runs: min {min(loads):.1f}, median {statistics.median(loads):.1f}, "
+                   f"max {max(loads):.1f} (2 cores).")
+    whens = sorted(r["when"] for r in records if r.get("cell") in names and "when" in r)
+    if whens:
+        out[-1] += f" Measured {whens[0]} to {whens[-1]}."
+    return out
+
+
+EXTRA_TITLES = {
+    "e2e": "End-to-end in-place training (random GPT-2-small-shaped model, interleaved)",
+    "splice": "Splice overhead (GPT-2-small shape, 12 layers, TopK 32,768 k 32, 4×128 tokens)",
+    "data": "Data path",
+}
+
+
+def extra_command(kind: str, args: argparse.Namespace) -> list[str]:
+    if kind == "e2e":
+        return [sys.executable, str(HERE / "bench_train.py"), "--gpt2-small", "--device", args.device,
+                "--sparsify-python", args.sparsify_python, "--rounds", str(args.rounds)]
+    if kind == "splice":
+        return [sys.executable, str(HERE / "bench_splice.py"), "--d-model", "768", "--layers", "12", "--batch", "4",
+                "--seq", "128", "--d-sae", "32768", "--k", "32", "--repeats", "15", "--device", args.device]
+    return [sys.executable, str(HERE / "bench_data.py"), "--device", args.device]
 
 
 def run_script(cmd: list[str], env: dict, timeout: int = 3600) -> str:
@@ -239,6 +410,18 @@ def main() -> None:
     ap.add_argument("--no-matrix", action="store_true", help="only the --extras")
     ap.add_argument("--note", default="", help="a line added under the table (e.g. 'machine shared with 8 engineers')")
     ap.add_argument("--out", default=str(HERE / "results" / "matrix.md"))
+    ap.add_argument("--results", help="JSONL file each finished measurement is appended to (default: --out with .jsonl)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the results file and run only what it lacks (default: start it anew, the old one kept aside)")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: build the table from the results file")
+    ap.add_argument("--compact", action="store_true", help="the short table (the README's): step times, ratios, peak RSS")
+    ap.add_argument("--order", choices=("cost", "matrix"), default="cost",
+                    help="cost: cheapest cells first (d_model·d_sae·tokens, then k), so a run cut short has the most cells")
+    ap.add_argument("--one-round-from", type=float, metavar="GMAC",
+                    help="cells of at least this many 10^9 encoder multiply-adds get one round instead of --rounds")
+    ap.add_argument("--time-cap", default="", metavar="SIDE=S,...",
+                    help="e.g. saelens=600: skip a side where its measured cost so far predicts a process over S "
+                         "seconds (reported as not run), kill one that runs past 2S")
     args = ap.parse_args()
 
     pythons = {}
@@ -258,56 +441,61 @@ def main() -> None:
 
     import torch
 
+    if args.table_only:  # describe the runs the records come from, not this invocation
+        st = [r["settings"] for r in read_records(Path(args.results) if args.results else Path(args.out).with_suffix(".jsonl"))
+              if "settings" in r]
+        desc = ", ".join(f"{k} {'/'.join(sorted({str(x[k]) for x in st}))}" for k in ("threads", "warmup", "steps") if st)
+        how = f"`python benchmarks/matrix.py --table-only` over the recorded runs ({desc or 'none'}; timed steps each after warm-up steps)"
+    else:
+        how = (f"`python benchmarks/matrix.py {' '.join(sys.argv[1:])}` — {args.threads} threads, up to {args.rounds} "
+               f"fresh processes per side and cell, {args.steps} timed steps each after {args.warmup} warm-up")
     lines = [
         f"# Benchmark matrix ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-        f"`python benchmarks/matrix.py {' '.join(sys.argv[1:])}` — device {args.device}, {args.threads} threads "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
-        f"{args.rounds} fresh processes per side and cell, interleaved, {args.steps} timed steps each after "
-        f"{args.warmup} warm-up; medians. Step = forward, backward, Adam, decoder constraint (each library's own "
-        "step), no model. × = their step time / ours (> 1: sae-hooks faster). Peak RSS of the training process.",
+        f"{how}; device {args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
+        f"torch {torch.__version__}; sides interleaved (ours, sparsify, SAELens, ours, ...), each in its own fresh "
+        "process; medians. Step = forward, backward, Adam, decoder constraint (each library's own step), no model. "
+        "× = their step time / ours (> 1: sae-hooks faster). Peak RSS of the training process.",
     ]
     if args.note:
         lines += ["", args.note]
-    raw: dict = {}
+    results = Path(args.results) if args.results else Path(args.out).with_suffix(".jsonl")
+    cells = order_cells(select_cells(args.cells, args.quick), args.order)
+    if not args.no_matrix and not args.table_only:
+        if results.exists() and not args.resume:
+            results.rename(results.with_suffix(f".{int(time.time())}.jsonl"))  # kept, never overwritten
+        print(f"{len(cells)} cells, sides {', '.join(pythons)}; results appended to {results}", file=sys.stderr)
+        bench_cells(args, cells, pythons, results)
+    records = read_records(results)
     if not args.no_matrix:
-        cells = select_cells(args.cells, args.quick)
-        print(f"{len(cells)} cells, sides {', '.join(pythons)}", file=sys.stderr)
-        out_path = Path(args.out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-
-        def partial(rows: list[str], raw: dict) -> None:
-            out_path.write_text("\n".join([*lines, "", *rows, "", "(partial: still running)"]) + "\n")
-            out_path.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
-
-        rows, raw = bench_cells(args, cells, pythons, on_cell=partial)
-        lines += ["", *rows]
-        skipped = [f"{c}: {', '.join(f'{LABEL[s]} (est. {g:.1f} GB)' for s, g in v['skipped'].items())}"
-                   for c, v in raw.items() if v["skipped"]]
-        if skipped:
-            lines += ["", f"Not run (estimated peak over {args.mem_limit_gb:.0f} GB): " + "; ".join(skipped) + "."]
-    extras = {e.strip() for e in args.extras.split(",") if e.strip()}
+        raw = raw_from_records(records, list(pythons))
+        rows = (compact_table if args.compact else table)(raw, cells, list(pythons))
+        lines += ["", *summary(raw, records, cells, list(pythons)), "", *rows]
+    extras = [e.strip() for e in args.extras.split(",") if e.strip()]
     if "all" in extras:
-        extras = {"e2e", "splice", "data"}
+        extras = list(EXTRA_TITLES)
+    for e in extras:
+        if e not in EXTRA_TITLES:
+            sys.exit(f"--extras: unknown {e!r}; known: {', '.join(EXTRA_TITLES)}, all")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE"}
-    if "e2e" in extras:
-        lines += ["", "## End-to-end in-place training (random GPT-2-small-shaped model)", "", "```",
-                  run_script([sys.executable, str(HERE / "bench_train.py"), "--gpt2-small", "--device", args.device,
-                              "--sparsify-python", args.sparsify_python], env).strip(), "```"]
-    if "splice" in extras:
-        lines += ["", "## Splice overhead (GPT-2-small shape, 12 layers, TopK 32,768 k 32, 4×128 tokens)", "", "```",
-                  run_script([sys.executable, str(HERE / "bench_splice.py"), "--d-model", "768", "--layers", "12",
-                              "--batch", "4", "--seq", "128", "--d-sae", "32768", "--k", "32", "--repeats", "15",
-                              "--device", args.device], env).strip(), "```"]
-    if "data" in extras:
-        lines += ["", "## Data path", "", "```",
-                  run_script([sys.executable, str(HERE / "bench_data.py"), "--device", args.device], env).strip(), "```"]
+    if not args.table_only:
+        for kind in extras:
+            load0 = os.getloadavg()[0]
+            output = run_script(extra_command(kind, args), env).strip()
+            append_record(results, {"extra": kind, "output": output, "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                                    "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        records = read_records(results)
+    for kind, title in EXTRA_TITLES.items():
+        recs = [r for r in records if r.get("extra") == kind]
+        if recs:
+            r = recs[-1]
+            lines += ["", f"## {title}", "", f"{r['when']}, load average {r['load'][0]:.1f} at start, {r['load'][1]:.1f} at end.",
+                      "", "```", r["output"], "```"]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
-    print(f"written to {out}", file=sys.stderr)
+    print(f"written to {out} (records: {results})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ Guarantees (see ``docs/reliability.md``):
   repaired by rolling the journal forward on the next read or write of that folder (:func:`recover`).
   A kill before the journal leaves the old folders untouched; a kill after it leaves all the new ones.
 * **One writer per folder** (:func:`folder_lock`): an advisory ``flock`` on a hidden sibling
-  ``.NAME.lock`` serialises writers across processes and threads (re-entrant within a thread). A
-  writer that cannot get it in time raises :class:`~sae_hooks.errors.FolderLockedError` naming the
-  holder (PID, host, command).
+  ``.NAME.lock`` serialises writers across processes and threads (re-entrant within a thread). Where
+  ``fcntl`` does not exist (Windows) the lock is that file itself, created with ``O_CREAT|O_EXCL``; a
+  lock file left by a dead process of this host is taken over. A writer that cannot get the lock in
+  time raises :class:`~sae_hooks.errors.FolderLockedError` naming the holder (PID, host, command).
 * **Leftovers of killed writers** (temporary folders, swapped-out old folders, journals) carry the
   writer's host and PID in their names and are removed by the next writer of that folder once that
   PID is dead.
@@ -31,7 +32,7 @@ import ctypes
 import errno
 try:
     import fcntl
-except ImportError:  # Windows: no flock; writers are then serialised within this process only
+except ImportError:  # Windows: no flock; the lock is then an exclusively created file (see folder_lock)
     fcntl = None  # type: ignore[assignment]
 import json
 import os
@@ -155,6 +156,8 @@ def _sibling(path: Path, kind: str) -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would *terminate* the process there
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,6 +165,18 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+def _windows_pid_alive(pid: int) -> bool:  # pragma: no cover - Windows only
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: exists, not ours
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _dead_writer(name: str) -> bool:
@@ -178,24 +193,9 @@ _held: dict[str, list] = {}  # lock file -> [owner thread id, depth]
 _held_guard = threading.Lock()
 
 
-_process_locks: dict[str, threading.Lock] = {}  # the fallback where flock does not exist
-
-
-def _flock(fd: int, key: str) -> None:
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    with _held_guard:
-        lock = _process_locks.setdefault(key, threading.Lock())
-    if not lock.acquire(blocking=False):
-        raise BlockingIOError(key)
-
-
-def _funlock(fd: int, key: str) -> None:
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    else:
-        _process_locks[key].release()
+#: A lock file without readable holder information (its writer died between creating and filling it)
+#: is stale after this many seconds (only where ``fcntl`` is missing).
+UNREADABLE_LOCK_STALE_S = 30.0
 
 
 def _lock_file(path: Path) -> Path:
@@ -203,16 +203,138 @@ def _lock_file(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-def _holder(fd: int) -> str:
+def _holder_info() -> bytes:
+    return json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300],
+    }).encode()
+
+
+def _read_holder(lock: Path) -> tuple[dict | None, float] | None:
+    """``(holder info or None if unreadable, age in s)`` of a lock file; ``None`` if there is none."""
     try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        raw = os.read(fd, 4096)
-        info = json.loads(raw.decode() or "{}")
-    except (OSError, ValueError):
-        info = {}
+        with open(lock, "rb") as f:
+            raw = f.read(4096)
+        age = time.time() - os.stat(lock).st_mtime
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}, 0.0
+    try:
+        info = json.loads(raw.decode() or "null")
+    except ValueError:
+        info = None
+    return (info if isinstance(info, dict) else None), age
+
+
+def _describe(info: dict | None) -> str:
     if not info:
         return "another writer (holder unknown)"
     return f"PID {info.get('pid')} on host {info.get('host')!r} (command: {info.get('command')!r}, since {info.get('since')})"
+
+
+def _stale(info: dict | None, age: float) -> bool:
+    """Whether a lock file's holder is known to be gone: a dead PID of this host, or no holder written long ago."""
+    if not info:
+        return age > UNREADABLE_LOCK_STALE_S
+    pid = info.get("pid")
+    return info.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+
+
+def _take_over_stale(lock: Path) -> bool:
+    """Remove ``lock`` if its holder is gone (no ``fcntl``); ``True`` if the caller should try again now.
+
+    Takeovers are serialised by a ``.takeover`` guard file (created exclusively; itself taken over when
+    its holder died), so a stale lock is removed only after being re-read under the guard: a fresh lock
+    that another writer created meanwhile is never removed."""
+    seen = _read_holder(lock)
+    if seen is None:
+        return True  # released meanwhile
+    if not _stale(*seen):
+        return False
+    guard = lock.with_name(lock.name + ".takeover")
+    try:
+        gfd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        held = _read_holder(guard)
+        if held is not None and _stale(*held):
+            with contextlib.suppress(OSError):
+                os.unlink(guard)
+        return False
+    try:
+        os.write(gfd, _holder_info())
+        now = _read_holder(lock)
+        if now is None:
+            return True
+        if now[0] == seen[0] and _stale(*now):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            return True
+        return False
+    finally:
+        os.close(gfd)
+        with contextlib.suppress(OSError):
+            os.unlink(guard)
+
+
+def _acquire(lock: Path) -> int | None:
+    """The open descriptor of ``lock``, now held by this thread, or ``None`` if another writer holds it."""
+    if fcntl is None:
+        while True:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                if _take_over_stale(lock):
+                    continue
+                return None
+            try:
+                os.write(fd, _holder_info())
+            except BaseException:
+                os.close(fd)
+                os.unlink(lock)
+                raise
+            return fd
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder before us unlinks the lock file on release: make sure we locked the file that is
+        # still at that path, else try again (two writers must never both "hold" the lock).
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, _holder_info())
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _release(lock: Path, fd: int) -> None:
+    if fcntl is None:
+        os.close(fd)  # first: an open file cannot be removed on Windows
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still holding it; see the inode check in _acquire
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -241,51 +363,23 @@ def folder_lock(path: str | os.PathLike, timeout: float = DEFAULT_LOCK_TIMEOUT) 
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + max(timeout, 0.0)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            _flock(fd, key)
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                holder = _holder(fd)
-                os.close(fd)
-                raise FolderLockedError(
-                    f"{Path(path)} is being written by {holder}; waited {timeout:g} s for its lock "
-                    f"{lock}. Use another folder, or wait for that writer to finish."
-                ) from None
-            os.close(fd)
-            time.sleep(0.02)
-            continue
-        except BaseException:
-            os.close(fd)
-            raise
-        # The holder before us unlinks the lock file on release: make sure we locked the file that is
-        # still at that path, else try again (two writers must never both "hold" the lock).
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
+    while (fd := _acquire(lock)) is None:
+        if time.monotonic() >= deadline:
+            seen = _read_holder(lock)
+            hint = "" if fcntl is not None else f" If that process is gone (on another host?), remove {lock}."
+            raise FolderLockedError(
+                f"{Path(path)} is being written by {_describe(seen[0] if seen else None)}; waited {timeout:g} s for "
+                f"its lock {lock}. Use another folder, or wait for that writer to finish.{hint}"
+            )
+        time.sleep(0.02)
     try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300],
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps(info).encode())
         with _held_guard:
             _held[key] = [me, 1]
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held.pop(key, None)
-            with contextlib.suppress(OSError):
-                os.unlink(lock)  # while still holding it; see the inode check above
-            _funlock(fd, key)
+        yield
     finally:
-        os.close(fd)
+        with _held_guard:
+            _held.pop(key, None)
+        _release(lock, fd)
 
 
 # Journal and recovery ---------------------------------------------------------------------------

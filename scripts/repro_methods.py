@@ -240,37 +240,143 @@ def _choice_eval(sae, model, tok, held_texts, test_acts) -> dict[str, float]:  #
     }
 
 
+CHOICE_CASES = {  # name -> (architecture, arch settings)
+    "topk (AuxK)": ("topk", {}),
+    "mutual_choice (aux_zipf)": ("mutual_choice", {}),
+    "feature_choice uniform (aux_zipf)": ("feature_choice", {}),
+    "feature_choice zipf (aux_zipf)": ("feature_choice", {"capacities": "zipf"}),
+}
+#: --ablation: the auxiliary loss of the choice SAEs (ours, aux_zipf) against OpenAI's AuxK and none
+CHOICE_ABLATION = {
+    "mutual_choice (AuxK)": ("mutual_choice", {"aux": "k"}),
+    "mutual_choice (no aux loss)": ("mutual_choice", {"aux_coefficient": 0.0}),
+    "feature_choice uniform (no aux loss)": ("feature_choice", {"aux_coefficient": 0.0}),
+}
+#: the metrics averaged over seeds (and interpolated in L0 where a budget could not be matched directly)
+CHOICE_KEYS = ("l0", "l0_std", "l0_p10", "l0_p50", "l0_p90", "l0_max", "dead_fraction", "train_dead_fraction", "fvu",
+               "ce_loss_recovered", "budget")
+
+
+def _choice_run(arch: str, extra: dict, budget: float | None, acts, test, d_sae: int, k: int, steps: int, batch: int,
+                seed: int):  # noqa: ANN001, ANN202
+    torch.manual_seed(seed)
+    sae = make_sae(arch, acts.shape[1], d_sae, k=k)
+    arch_settings = dict(extra, **({"budget": budget} if budget is not None else {}))
+    e = TrainEntry(arch, "x", sae, TrainSettings(lr=2e-3, dead_tokens=20_000, arch=arch_settings))
+    _train_entries([e], acts, steps, batch, seed=seed)
+    final = e.final_sae()
+    with torch.no_grad():
+        l0 = (final.encode(test) != 0).sum(-1).float().mean().item()
+    return final, e.dead.float().mean().item(), l0
+
+
+def _interpolate(a: dict, b: dict, target: float) -> dict:
+    t = (target - a["l0"]) / (b["l0"] - a["l0"])
+    return {key: a[key] + t * (b[key] - a[key]) for key in CHOICE_KEYS}
+
+
 def cmd_choice(args) -> dict:  # noqa: ANN001
-    torch.manual_seed(0)
+    """TopK vs Feature/Mutual Choice at matched mean L0 (held out), ``--seeds`` seeds each.
+
+    TopK's L0 is exactly ``k``. A choice SAE's L0 at inference comes from its learned thresholds, so its training
+    budget (average matches per token) is tuned per seed (budget scaled by k / L0, then regula falsi once a
+    pair of runs brackets k) on the held-out mean L0 until it is within
+    ``--l0-tol`` of ``k`` (at most 5 trainings); if no run lands inside, the metrics are interpolated linearly in L0
+    between the two runs that bracket ``k`` (the table says how many seeds needed it). The first run of every choice
+    SAE uses budget = ``k``: those runs give the second table (same budget, unmatched L0)."""
     model, tok, train_texts, held_texts = embedded_model()
     acts = embedded_activations(args.tokens, train_texts, model, tok)
     test = embedded_activations(8192, held_texts, model, tok)
-    d, d_sae, k, batch = acts.shape[1], args.expansion * acts.shape[1], 16, args.batch
-    print(f"choice: {acts.shape[0]} training tokens at {SITE}, d_sae={d_sae}, k={k}, batch {batch}, {args.steps} steps")
-    cases = {
-        "topk (AuxK)": ("topk", TrainSettings(lr=2e-3, dead_tokens=20_000)),
-        "mutual_choice (aux_zipf)": ("mutual_choice", TrainSettings(lr=2e-3, dead_tokens=20_000)),
-        "feature_choice uniform (aux_zipf)": ("feature_choice", TrainSettings(lr=2e-3, dead_tokens=20_000)),
-        "feature_choice zipf (aux_zipf)": ("feature_choice", TrainSettings(lr=2e-3, dead_tokens=20_000, arch={"capacities": "zipf"})),
-    }
-    entries = [TrainEntry(name.split()[0] + str(i), "x", make_sae(arch, d, d_sae, k=k), s) for i, (name, (arch, s)) in enumerate(cases.items())]
+    d, k, batch = acts.shape[1], 16, args.batch
+    d_sae = args.expansion * d
+    print(f"choice: {acts.shape[0]} training / {test.shape[0]} held-out tokens at {SITE}, d_sae={d_sae}, k={k}, "
+          f"batch {batch}, {args.steps} steps, {args.seeds} seeds", flush=True)
     t0 = time.perf_counter()
-    _train_entries(entries, acts, args.steps, batch)
+    cases = CHOICE_ABLATION if args.ablation else CHOICE_CASES
+    matched: dict[str, list[dict]] = {name: [] for name in cases}
+    same_budget: dict[str, list[dict]] = {name: [] for name in cases}
+    for seed in range(args.seeds):
+        for name, (arch, extra) in cases.items():
+            tries: list[tuple[object, float, float, float]] = []  # (sae, train dead, l0, budget)
+            budget = float(k)
+            for _ in range(1 if arch == "topk" else 5):
+                sae, tdead, l0 = _choice_run(arch, extra, None if arch == "topk" else budget, acts, test, d_sae, k,
+                                             args.steps, batch, seed)
+                tries.append((sae, tdead, l0, budget))
+                print(f"  seed {seed} {name}: budget {budget:.3f} -> held-out L0 {l0:.2f} "
+                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                if abs(l0 - k) <= args.l0_tol * k:
+                    break
+                below = [t for t in tries if t[2] < k]
+                above = [t for t in tries if t[2] > k]
+                if below and above:  # regula falsi inside the closest bracket
+                    lo, hi = max(below, key=lambda t: t[2]), min(above, key=lambda t: t[2])
+                    budget = lo[3] + (k - lo[2]) * (hi[3] - lo[3]) / (hi[2] - lo[2])
+                else:  # L0 roughly proportional to the budget: scale the closest run's budget
+                    near = min(tries, key=lambda t: abs(t[2] - k))
+                    budget = near[3] * k / max(near[2], 1e-3)
+
+            def full(t):  # noqa: ANN001, ANN202
+                m = _choice_eval(t[0], model, tok, held_texts, test)
+                m.update(train_dead_fraction=t[1], budget=t[3])
+                return m
+
+            first = full(tries[0])
+            same_budget[name].append(first)
+            best = min(tries, key=lambda t: abs(t[2] - k))
+            if arch == "topk" or abs(best[2] - k) <= args.l0_tol * k:
+                m = first if best is tries[0] else full(best)
+                m["interpolated"] = False
+            else:
+                below = [t for t in tries if t[2] < k]
+                above = [t for t in tries if t[2] > k]
+                if below and above:
+                    lo = max(below, key=lambda t: t[2])
+                    hi = min(above, key=lambda t: t[2])
+                    m = _interpolate(full(lo), full(hi), float(k))
+                    m["interpolated"] = True
+                else:
+                    m = full(best)
+                    m["interpolated"] = False
+                    m["unmatched"] = True
+            matched[name].append(m)
+            print(f"  seed {seed} {name}: {m}", flush=True)
     print(f"  trained in {time.perf_counter() - t0:.0f}s", flush=True)
-    rows = []
-    for name, e in zip(cases, entries):
-        m = _choice_eval(e.final_sae(), model, tok, held_texts, test)
-        m["train_dead_fraction"] = e.dead.float().mean().item()
-        m["method"] = name
-        rows.append(m)
-        print(f"  {name}: {m}", flush=True)
-    lines = ["| SAE | mean L0 | L0 std | L0 p10 / p50 / p90 / max | dead (eval) | FVU | CE loss recovered |",
-             "|---|---|---|---|---|---|---|"]
-    for m in rows:
-        lines.append(f"| {m['method']} | {m['l0']:.1f} | {m['l0_std']:.1f} | {m['l0_p10']:.0f} / {m['l0_p50']:.0f} / "
-                     f"{m['l0_p90']:.0f} / {m['l0_max']:.0f} | {m['dead_fraction']:.1%} | {m['fvu']:.3f} | {m['ce_loss_recovered']:.3f} |")
-    print("\n".join(lines))
-    return {"choice": rows}
+
+    def agg(runs: list[dict]) -> dict:
+        out = {}
+        for key in CHOICE_KEYS:
+            vals = [r[key] for r in runs]
+            out[key] = statistics.mean(vals)
+            out[key + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out["interpolated_seeds"] = sum(bool(r.get("interpolated")) for r in runs)
+        out["unmatched_seeds"] = sum(bool(r.get("unmatched")) for r in runs)
+        return out
+
+    def table(rows: dict[str, dict], budget_col: bool) -> str:
+        pm = lambda m, key, f: f"{m[key]:{f}} ± {m[key + '_sd']:{f}}"  # noqa: E731
+        head = "| SAE | " + ("training budget | " if budget_col else "") + "mean L0 | L0 std (per token) | " \
+               "latents per token p10 / p50 / p90 / max | dead (held out) | dead (training) | FVU | CE loss recovered |"
+        lines = [head, "|---|" + ("---|" if budget_col else "") + "---|---|---|---|---|---|---|"]
+        for name, m in rows.items():
+            note = f" ({m['interpolated_seeds']} of {args.seeds} seeds interpolated)" if m["interpolated_seeds"] else ""
+            note += f" ({m['unmatched_seeds']} seeds NOT matched)" if m["unmatched_seeds"] else ""
+            lines.append(
+                f"| {name}{note} | " + (f"{pm(m, 'budget', '.2f')} | " if budget_col else "")
+                + f"{pm(m, 'l0', '.2f')} | {m['l0_std']:.1f} | {m['l0_p10']:.1f} / {m['l0_p50']:.1f} / {m['l0_p90']:.1f} / "
+                f"{m['l0_max']:.1f} | {m['dead_fraction']:.1%} ± {m['dead_fraction_sd']:.1%} | "
+                f"{m['train_dead_fraction']:.1%} ± {m['train_dead_fraction_sd']:.1%} | {pm(m, 'fvu', '.4f')} | "
+                f"{pm(m, 'ce_loss_recovered', '.4f')} |")
+        return "\n".join(lines)
+
+    matched_rows = {name: agg(runs) for name, runs in matched.items()}
+    budget_rows = {name: agg(runs) for name, runs in same_budget.items()}
+    print("\nAt matched mean L0:\n" + table(matched_rows, True))
+    print("\nAt the same training budget k (unmatched L0):\n" + table(budget_rows, False))
+    return {"choice_ablation" if args.ablation else "choice": {"matched_l0": matched_rows, "same_budget": budget_rows,
+                       "runs": {name: runs for name, runs in matched.items()},
+                       "config": {"tokens": acts.shape[0], "held_out": test.shape[0], "d_sae": d_sae, "k": k,
+                                  "batch": batch, "steps": args.steps, "seeds": args.seeds, "l0_tol": args.l0_tol}}}
 
 
 def cmd_matryoshka(args) -> dict:  # noqa: ANN001
@@ -306,6 +412,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--expansion", type=int, default=8, help="choice: d_sae / d")
     ap.add_argument("--batch", type=int, default=1024, help="choice: tokens per step")
+    ap.add_argument("--l0-tol", type=float, default=0.02, help="choice: relative mean-L0 tolerance of the match")
+    ap.add_argument("--ablation", action="store_true", help="choice: the auxiliary-loss ablation rows instead")
     ap.add_argument("--out", help="merge the numbers into this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

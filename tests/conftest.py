@@ -110,6 +110,123 @@ def build_tl_model(kind: str):
     raise ValueError(kind)
 
 
+def word_tokenizer():
+    """A word-level tokenizer for the tiny models (vocab 100): ``"t0 t5 t7"`` -> ids 0, 5, 7; ``t0`` is
+    BOS/EOS/pad, ``t1`` unknown."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(100)}, unk_token="t1"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="t0", eos_token="t0", pad_token="t0",
+                                                unk_token="t1")
+
+
+def attach_copy(kind: str, hf, *, tokenizer: bool = False):
+    """A deep copy of the HF causal LM ``hf`` attached through adapter ``kind``: ``"torch"``; ``"nnsight"``
+    (an ``nnsight.NNsight`` wrapper, or with ``tokenizer=True`` a ``TransformersModel`` with
+    :func:`word_tokenizer`); ``"transformer_lens"`` (a TransformerLens 4 bridge built from the module;
+    skipped with older TransformerLens). Wrappers mutate the model, hence the copy."""
+    import copy
+    import warnings
+
+    hf = copy.deepcopy(hf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "torch":
+            from sae_hooks.adapters.torch import attach
+
+            return attach(hf)
+        if kind == "nnsight":
+            nnsight = pytest.importorskip("nnsight")
+            from sae_hooks.adapters.nnsight import attach
+
+            if tokenizer:
+                return attach(nnsight.TransformersModel(hf, task="text-generation", tokenizer=word_tokenizer()))
+            return attach(nnsight.NNsight(hf))
+        if kind != "transformer_lens":
+            raise ValueError(f"unknown adapter {kind!r}")
+        if (tl_major() or 0) < 4:
+            pytest.skip("needs a TransformerLens 4 bridge")
+        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+        from sae_hooks.adapters.transformer_lens import attach
+
+        return attach(build_bridge_from_module(hf, type(hf).__name__, hf_config=hf.config))
+
+
+def run_concurrently(run, inputs: list, n_threads: int) -> dict:
+    """``{i: run(thread, inputs[i])}`` with the inputs spread over ``n_threads`` threads released together by
+    a barrier (so their calls overlap); any exception in a thread fails the test."""
+    import threading
+
+    got: dict = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n_threads)
+
+    def worker(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(t, len(inputs), n_threads):
+                got[i] = run(t, inputs[i])
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert errors == [], errors
+    return got
+
+
+def activation_folder(folder, widths: dict[str, int] | None = None, tokens: tuple[int, ...] = (512,)):
+    """A small activation folder as ``sae-hooks capture`` writes it: one ``shard_NNNNN.safetensors`` per entry
+    of ``tokens`` holding ``randn(n, width)`` for each site of ``widths`` (default ``{"s": 8}``; seeded), and
+    its ``manifest.json``. Returns ``folder``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    widths = widths or {"s": 8}
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    shards = []
+    for i, n in enumerate(tokens):
+        name = f"shard_{i:05d}.safetensors"
+        save_file({site: torch.randn(n, w, generator=g) for site, w in widths.items()}, str(folder / name))
+        shards.append({"file": name, "tokens": n})
+    manifest = {"format": "sae_hooks.activations", "version": 1, "sites": list(widths), "widths": widths,
+                "dtype": "float32", "shards": shards, "tokens": sum(tokens)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def random_relu_sae(d_in: int = 32, d_sae: int = 64, seed: int = 3):
+    """A ReLU SAE with every parameter drawn from N(0, 0.3²) (not the default init), seeded."""
+    from sae_hooks.saes.registry import make_sae
+
+    torch.manual_seed(seed)
+    sae = make_sae("relu", d_in, d_sae)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    return sae
+
+
+def token_batches(n: int, token: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` token batches ``(2, 6..10)`` (vocab 1..99) that each hold ``token`` in one column (1, 2 or 3),
+    e.g. a token that ``skip_tokens`` filters, at a different position from one batch to the next."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1, 100, (2, 6 + i % 5), generator=g)
+        ids[:, (i % 3) + 1] = token
+        out.append(ids)
+    return out
+
+
 TL_KINDS = ["bridge_native", "bridge_hf", "hooked_transformer"]
 
 

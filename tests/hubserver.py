@@ -30,7 +30,7 @@ contents inline (base64) in the commit. With ``lfs_uploads=True`` it answers ``l
 client then uses the LFS batch API only if Xet is disabled (``huggingface_hub.constants.HF_HUB_DISABLE_XET``),
 because with ``hf_xet`` installed it would upload through the Xet protocol, which this server does not speak.
 
-Test knobs: :meth:`HubServer.truncate_next`, :meth:`HubServer.corrupt`, :meth:`HubServer.stall_next` (a body that
+Test knobs: :attr:`HubServer.ranges_supported`, :meth:`HubServer.truncate_next`, :meth:`HubServer.corrupt`, :meth:`HubServer.stall_next` (a body that
 stops arriving), :meth:`HubServer.fail_requests` (HTTP 5xx/429), :meth:`HubServer.stall_requests` (an API call that
 does not return), the request log
 :attr:`HubServer.requests`, and direct store edits (:meth:`create_repo`, :meth:`commit`, :meth:`tag`,
@@ -197,6 +197,8 @@ class HubServer:
         self.lfs_uploads = lfs_uploads
         self.tree_page_size = tree_page_size
         self.socket_timeout = socket_timeout
+        #: ``False``: ignore ``Range`` headers (answer 200 with the whole file, like a server without range support).
+        self.ranges_supported = True
         self.requests: list[RequestRecord] = []
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._lfs_objects: dict[str, _Blob] = {}
@@ -670,8 +672,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {
             "Content-Type": "application/octet-stream",
             "X-Repo-Commit": sha,
-            "Accept-Ranges": "bytes",
         }
+        if hub.ranges_supported:
+            headers["Accept-Ranges"] = "bytes"
         if is_lfs_path(path, size):
             headers["ETag"] = f'"{blob.sha256}"'
             headers["X-Linked-Etag"] = f'"{blob.sha256}"'
@@ -680,7 +683,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["ETag"] = f'"{blob.git_sha1}"'
 
         status, start, end = 200, 0, size  # [start, end)
-        range_header = self.headers.get("Range")
+        range_header = self.headers.get("Range") if hub.ranges_supported else None
         if range_header:
             m = _RANGE_RE.match(range_header)
             if m is None or (not m.group(1) and not m.group(2)):

@@ -19,8 +19,9 @@ LAYERS: dict[str, int] = {
     "hub": 4,
     "intervene": 5, "train": 5,
     "eval": 6,
-    "app": 7, "adapters": 7,
-    "sae_hooks": 8,  # the package's __init__: the public names
+    "adapters": 7,
+    "app": 8,  # the CLI runs models through the adapters (train --framework)
+    "sae_hooks": 9,  # the package's __init__: the public names
 }
 
 

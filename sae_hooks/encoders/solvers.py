@@ -32,6 +32,14 @@ def _prox(v: Tensor, thresh: float, nonnegative: bool) -> Tensor:
     return v.sign() * (v.abs() - thresh).clamp_min(0)
 
 
+def _start(x: Tensor, W_dec: Tensor, init: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W, s, x)``: the detached decoder, the starting codes ``(N, F)`` (``init`` copied, or zeros) and the
+    targets, all in the decoder's dtype and device."""
+    W = W_dec.detach()
+    s = torch.zeros(x.shape[0], W.shape[0], dtype=W.dtype, device=W.device) if init is None else init.to(W).clone()
+    return W, s, x.to(W)
+
+
 def _converged(new: Tensor, old: Tensor, tol: float) -> bool:
     return tol > 0 and float((new - old).norm()) <= tol * max(float(old.norm()), 1e-12)
 
@@ -40,10 +48,8 @@ def _converged(new: Tensor, old: Tensor, tol: float) -> bool:
 def ista(x: Tensor, W_dec: Tensor, l1_coefficient: float, *, init: Tensor | None = None, max_iter: int = 500,
          tol: float = 1e-6, nonnegative: bool = True, lipschitz: float | None = None) -> Tensor:
     """Iterative shrinkage-thresholding: ``s ← prox_{λ/L}(s − (s W − x) Wᵀ / L)``."""
-    W = W_dec.detach()
+    W, s, x = _start(x, W_dec, init)
     L = lipschitz or lipschitz_constant(W)
-    s = torch.zeros(x.shape[0], W.shape[0], dtype=W.dtype, device=W.device) if init is None else init.to(W).clone()
-    x = x.to(W)
     for _ in range(max_iter):
         new = _prox(s - ((s @ W - x) @ W.T) / L, l1_coefficient / L, nonnegative)
         done = _converged(new, s, tol)
@@ -57,10 +63,8 @@ def ista(x: Tensor, W_dec: Tensor, l1_coefficient: float, *, init: Tensor | None
 def fista(x: Tensor, W_dec: Tensor, l1_coefficient: float, *, init: Tensor | None = None, max_iter: int = 500,
           tol: float = 1e-6, nonnegative: bool = True, lipschitz: float | None = None) -> Tensor:
     """FISTA (Beck & Teboulle 2009): ISTA steps taken from a Nesterov-extrapolated point."""
-    W = W_dec.detach()
+    W, s, x = _start(x, W_dec, init)
     L = lipschitz or lipschitz_constant(W)
-    s = torch.zeros(x.shape[0], W.shape[0], dtype=W.dtype, device=W.device) if init is None else init.to(W).clone()
-    x = x.to(W)
     y, t = s, 1.0
     for _ in range(max_iter):
         new = _prox(y - ((y @ W - x) @ W.T) / L, l1_coefficient / L, nonnegative)
@@ -80,9 +84,7 @@ def ito(x: Tensor, W_dec: Tensor, l1_coefficient: float, *, init: Tensor | None 
     """Inference-time optimisation (O'Neill et al.): Adam on the codes of every token, projected onto
     ``s ≥ 0``. The gradient is written out (``(s W − x) Wᵀ + λ·sign(s)``), so it runs under
     ``torch.no_grad`` / ``inference_mode`` inside a forward hook."""
-    W = W_dec.detach()
-    s = torch.zeros(x.shape[0], W.shape[0], dtype=W.dtype, device=W.device) if init is None else init.to(W).clone()
-    x = x.to(W)
+    W, s, x = _start(x, W_dec, init)
     m, v = torch.zeros_like(s), torch.zeros_like(s)
     b1, b2 = betas
     for step in range(1, max_iter + 1):

@@ -16,7 +16,7 @@ What this layer adds to ``huggingface_hub``:
 
 A local path is the caller's business: every function here talks to the Hub (or its cache).
 
-Progress bars are ``huggingface_hub``'s own (silence them with ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
+Progress bars use ``huggingface_hub``'s bar class (silence them with ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from huggingface_hub.utils import (  # re-exported there by every huggingface_hu
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    filter_repo_objects,
 )
 from huggingface_hub.file_download import repo_folder_name
 
@@ -184,11 +185,15 @@ def list_files(
                 f"local cache ({hub_cache_dir(cache_dir)}). Go online once to download it."
             )
         return cached[1]
+    return sorted(_listing(lambda api: api.list_repo_files(repo_id, revision=rev, repo_type=repo_type, token=token),
+                           repo_id, repo_type, rev, token, cache_dir))
+
+
+def _listing(call: Callable[[HfApi], T], repo_id: str, repo_type: str, rev: str, token: str | bool | None,
+             cache_dir: str | os.PathLike[str] | None) -> T:
+    """A Hub listing call, bounded by :func:`hub_timeout`, its errors mapped to typed ones."""
     try:
-        return sorted(_bounded(
-            lambda: _api(token).list_repo_files(repo_id, revision=rev, repo_type=repo_type, token=token),
-            f"Listing {_repo_str(repo_id, repo_type)} at revision {rev!r}",
-        ))
+        return _bounded(lambda: call(_api(token)), f"Listing {_repo_str(repo_id, repo_type)} at revision {rev!r}")
     except HubUnavailableError:
         raise
     except Exception as err:  # noqa: BLE001 - mapped to typed errors, or re-raised
@@ -301,6 +306,11 @@ def snapshot(
     """Download every file of ``repo_id`` matching ``allow_patterns`` (fnmatch, e.g. ``"layer_3/*"``); return the
     snapshot folder (files keep their repo paths below it).
 
+    The file list is read once, pinned to the commit ``revision`` points at, and every matching file is fetched
+    at that commit by :func:`download_files` (``max_workers`` at a time): cut files resume from their last byte
+    (in this call, the next one, or another process after a kill), files already in the cache are not fetched
+    again, and every new blob is hash-checked. Offline, the cached snapshot is served.
+
     Raises what :func:`download_files` raises; :class:`~sae_hooks.errors.HubFileNotFoundError` when
     ``allow_patterns`` matches no file of the repo (the message lists the files).
     """
@@ -309,48 +319,62 @@ def snapshot(
     storage = cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
     rev = revision or DEFAULT_REVISION
     patterns = _as_list(allow_patterns) or []
-    before = _blob_names(storage)
+    if offline:
+        return _cached_snapshot(repo_id, patterns, ignore_patterns, rev, token, cache, repo_type)
+    info = _listing(lambda api: api.repo_info(repo_id, revision=rev, repo_type=repo_type, token=token),
+                    repo_id, repo_type, rev, token, cache)
+    commit = info.sha
+    files = sorted(s.rfilename for s in info.siblings or [])
+    wanted = list(filter_repo_objects(files, allow_patterns=patterns or None, ignore_patterns=_as_list(ignore_patterns)))
+    if patterns and not wanted:
+        raise HubFileNotFoundError(
+            f"{_repo_str(repo_id, repo_type)} at revision {rev!r} has no file matching {patterns!r}. "
+            f"Files in the repo: {_format_list(files)}."
+        )
+    if not _COMMIT_RE.match(rev) and commit:
+        from .._atomic import atomic_write_bytes
+
+        atomic_write_bytes(storage / "refs" / rev, commit.encode())  # as snapshot_download does
+
+    def fetch(name: str) -> Path:
+        return download_files(repo_id, [name], commit, token, cache, False, repo_type=repo_type, verify=verify)[name]
+
+    if max_workers <= 1 or len(wanted) <= 1:
+        for name in wanted:
+            fetch(name)
+    else:
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sae-hooks-snapshot") as pool:
+            futures = [pool.submit(fetch, name) for name in wanted]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                for f in futures:
+                    f.cancel()  # the ones not started; running ones finish (their bytes are kept)
+                raise failed[0].exception()  # type: ignore[misc]
+    return storage / "snapshots" / commit
+
+
+def _cached_snapshot(
+    repo_id: str, patterns: list[str], ignore_patterns: str | Sequence[str] | None, rev: str,
+    token: str | bool | None, cache: Path, repo_type: str,
+) -> Path:
+    """The cached snapshot folder of ``rev`` (offline), checked to hold a file matching ``patterns``."""
     try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                repo_type=repo_type,
-                revision=rev,
-                cache_dir=cache,
-                token=token,
-                local_files_only=offline,
-                allow_patterns=patterns or None,
-                ignore_patterns=_as_list(ignore_patterns),
-                max_workers=max_workers,
-                endpoint=hub_endpoint(),
-            )
-        )
+        folder = Path(snapshot_download(
+            repo_id, repo_type=repo_type, revision=rev, cache_dir=cache, token=token, local_files_only=True,
+            allow_patterns=patterns or None, ignore_patterns=_as_list(ignore_patterns), endpoint=hub_endpoint(),
+        ))
     except Exception as err:  # noqa: BLE001 - mapped to typed errors, or re-raised
-        _raise_typed(
-            err,
-            repo_id=repo_id,
-            repo_type=repo_type,
-            revision=rev,
-            filename=", ".join(patterns) if patterns else None,
-            token=token,
-            cache_dir=cache,
-            offline=offline,
-        )
+        _raise_typed(err, repo_id=repo_id, repo_type=repo_type, revision=rev,
+                     filename=", ".join(patterns) if patterns else None, token=token, cache_dir=cache, offline=True)
         raise
     present = _files_under(folder)
-    if verify:
-        for rel in present:
-            _verify_new_blob(folder / rel, rel, before, storage, repo_id=repo_id, revision=rev)
     if patterns and not any(fnmatch.fnmatch(p, pat) for p in present for pat in patterns):
-        what = f"no file matching {patterns!r}"
-        if offline:
-            raise HubUnavailableError(
-                f"Offline mode is on and {what} from {_repo_str(repo_id, repo_type)} at revision {rev!r} is in the "
-                f"local cache ({cache}). Cached files: {_format_list(present)}."
-            )
-        raise HubFileNotFoundError(
-            f"{_repo_str(repo_id, repo_type)} at revision {rev!r} has {what}. "
-            f"Files in the repo: {_format_list(_safe_list(repo_id, repo_type, rev, token))}."
+        raise HubUnavailableError(
+            f"Offline mode is on and no file matching {patterns!r} from {_repo_str(repo_id, repo_type)} at revision "
+            f"{rev!r} is in the local cache ({cache}). Cached files: {_format_list(present)}."
         )
     return folder
 
@@ -453,6 +477,7 @@ def _fetch_blob_resumably(
     """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub.utils import tqdm as hf_tqdm
 
     url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=endpoint)
     meta = _bounded(lambda: get_hf_file_metadata(url, token=token, timeout=hub_timeout(), endpoint=endpoint),
@@ -473,41 +498,49 @@ def _fetch_blob_resumably(
             return commit
         _remove_stale_incomplete(blobs, etag)
         last_error: BaseException | None = None
-        for attempt in range(_DOWNLOAD_ATTEMPTS):
-            have = partial.stat().st_size if partial.exists() else 0
-            if have > size:
-                have = 0
-                partial.unlink()
-            if have == size:
-                break
-            headers = build_hf_headers(token=token)
-            if have:
-                headers["Range"] = f"bytes={have}-"
-            try:
-                with get_session().stream("GET", meta.location or url, headers=headers, follow_redirects=True,
-                                          timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
-                    if response.status_code == 416:  # our partial is not a prefix of this file: start over
-                        partial.unlink(missing_ok=True)
-                        continue
-                    hf_raise_for_status(response)
-                    append = bool(have) and response.status_code == 206
-                    with open(partial, "ab" if append else "wb") as f:
-                        for chunk in response.iter_bytes():  # as received: a cut keeps every byte
-                            f.write(chunk)
-                        f.flush()
-                        os.fsync(f.fileno())
-                last_error = None
-            except HfHubHTTPError as err:
-                status = _http_status(err)
-                if status is None or (status < 500 and status != 429):
-                    raise
-                last_error = err
-            except Exception as err:  # noqa: BLE001 - network errors of httpx/httpx2: retried, bytes kept
-                if type(err).__module__.split(".")[0] not in _NETWORK_ERROR_MODULES:
-                    raise
-                last_error = err
-            if attempt:
-                time.sleep(min(0.2 * 2**attempt, 5.0))
+        # huggingface_hub's own bar class and group: HF_HUB_DISABLE_PROGRESS_BARS silences it too.
+        with hf_tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=filename,
+                     name="huggingface_hub.http_get") as bar:
+            for attempt in range(_DOWNLOAD_ATTEMPTS):
+                have = partial.stat().st_size if partial.exists() else 0
+                if have > size:
+                    have = 0
+                    partial.unlink()
+                bar.n = have  # resumed bytes count as done
+                bar.refresh()
+                if have == size:
+                    break
+                headers = build_hf_headers(token=token)
+                if have:
+                    headers["Range"] = f"bytes={have}-"
+                try:
+                    with get_session().stream("GET", meta.location or url, headers=headers, follow_redirects=True,
+                                              timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+                        if response.status_code == 416:  # our partial is not a prefix of this file: start over
+                            partial.unlink(missing_ok=True)
+                            continue
+                        hf_raise_for_status(response)
+                        append = bool(have) and response.status_code == 206
+                        if not append:  # a server that ignores Range sends the whole file again
+                            bar.n = 0
+                        with open(partial, "ab" if append else "wb") as f:
+                            for chunk in response.iter_bytes():  # as received: a cut keeps every byte
+                                f.write(chunk)
+                                bar.update(len(chunk))
+                            f.flush()
+                            os.fsync(f.fileno())
+                    last_error = None
+                except HfHubHTTPError as err:
+                    status = _http_status(err)
+                    if status is None or (status < 500 and status != 429):
+                        raise
+                    last_error = err
+                except Exception as err:  # noqa: BLE001 - network errors of httpx/httpx2: retried, bytes kept
+                    if type(err).__module__.split(".")[0] not in _NETWORK_ERROR_MODULES:
+                        raise
+                    last_error = err
+                if attempt:
+                    time.sleep(min(0.2 * 2**attempt, 5.0))
         have = partial.stat().st_size if partial.exists() else 0
         if have != size:
             why = f" ({type(last_error).__name__}: {last_error})" if last_error else ""

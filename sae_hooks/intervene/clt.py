@@ -12,6 +12,7 @@ layer ``j``'s output hook runs the latents of layers ``0..j`` of the same forwar
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -84,25 +85,32 @@ def add_clt(
     if attachment_cls is None:
         raise TypeError("add_clt needs attachment_cls= (the manager passes its CLTAttachment); use model.add_sae(clt)")
     att = attachment_cls(manager, clt, sites_in, name or manager._default_name(sites_out[0]), [], sites_out=sites_out)
-    state: dict[str, Any] = {"acts": [None] * n, "x": [None] * n}
+    state = threading.local()  # the latents of the forward pass running in this thread
+
+    def stash() -> Any:
+        if not hasattr(state, "acts"):
+            state.acts, state.x = [None] * n, [None] * n
+        return state
 
     def make_in(i: int, record: Any):  # noqa: ANN202
         def read_input(x: Tensor) -> None:
+            st = stash()
             if i == 0:  # a new forward pass: forget the last one's latents
-                state["acts"], state["x"] = [None] * n, [None] * n
+                st.acts, st.x = [None] * n, [None] * n
             acts = clt.encode_layer(x, i)
             if record.wants("hook_sae_acts_post"):
                 acts = record("hook_sae_acts_post", acts)
-            state["acts"][i], state["x"][i] = acts, x
+            st.acts[i], st.x[i] = acts, x
             return None
 
         return read_input
 
     def make_out(j: int, record: Any):  # noqa: ANN202
         def write_output(y: Tensor) -> Tensor | None:
-            if state["acts"][j] is None:
+            st = stash()
+            if st.acts[j] is None:
                 raise SAEHooksError(f"CLT output site {sites_out[j]!r} ran before its input site {sites_in[j]!r}")
-            recon = clt.decode_layer(state["acts"], j, state["x"][j]).to(y.dtype)
+            recon = clt.decode_layer(st.acts, j, st.x[j]).to(y.dtype)
             if record.wants("hook_sae_recons"):
                 recon = record("hook_sae_recons", recon)
             if not splice:

@@ -147,6 +147,8 @@ class SiteIntervention:
     edits: list[LatentEdit | Steering] = field(default_factory=list)
     #: Extra recorder run after the adapter's (e.g. attribution); its result is what the forward uses.
     probe: Recorder | None = None
+    #: The site's name, for errors (a width the site layer could not know before the forward pass).
+    site: str | None = None
 
     def __call__(
         self,
@@ -169,12 +171,17 @@ class SiteIntervention:
         target = x if x_out is None else x_out
         hook_z = target.shape[-1] != sae.cfg.output_dim  # (..., n_heads, d_head) sites keep their shape
         target_flat = target.flatten(-2) if hook_z else target
+        where = f"at {self.site!r}: " if self.site else ""
         if target_flat.shape[-1] != sae.cfg.output_dim:
+            verb = "reads" if x_out is None else "writes"
             raise ShapeMismatchError(
-                f"the SAE writes {sae.cfg.output_dim} features but the site's activation has shape {tuple(target.shape)}"
+                f"{where}the SAE {verb} {sae.cfg.output_dim} features but the activation there has shape "
+                f"{tuple(target.shape)}"
             )
-
-        x_flat = sae.flatten_input(x)
+        try:
+            x_flat = sae.flatten_input(x)
+        except ShapeMismatchError as e:
+            raise ShapeMismatchError(f"{where}{e}") from None
         if record.wants("hook_sae_input"):
             x_flat = record("hook_sae_input", x_flat)
         latents, state = sae.encode_with_state(x_flat)

@@ -353,6 +353,7 @@ class SAEManager:
             SiteIntervention(
                 sae, splice=s in spliced, error_term=error_term, detach_error=detach_error,
                 skip_positions=skip_positions, skip_tokens=list(skip_tokens) if skip_tokens else None, edits=edits,
+                site=s if resolved_out is None else f"{s} -> {resolved_out}",
             )
             for s in sites_in
         ]
@@ -523,8 +524,8 @@ class SAEManager:
             return [self.backend.resolve(s) for s in ([site] if isinstance(site, str) else site)]
         if not sae.cfg.sites or any(s.hook is None and s.module is None for s in sae.cfg.sites):
             raise SAEHooksError("this SAE records no site it was trained on; pass site=<hook name or module path>")
-        # On a module-based backend the recorded module path is the tensor the SAE was trained on (a format
-        # may name ``lnN.hook_normalized`` for the norm's output); on a TransformerLens model, the hook name.
+        # On a module-based backend the recorded module path is the tensor the SAE was trained on (the format
+        # knows it: e.g. Gemma Scope 2's config names the module); on a TransformerLens model, the hook name.
         module_first = isinstance(self.backend, ModuleSites)
         out = []
         for s in sae.cfg.sites:

@@ -12,6 +12,7 @@ site or list of sites: splice only there), plus the role names ``"in"`` / ``"out
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +35,22 @@ def is_pair(obj: Any) -> bool:
 class PairAttachment:
     """A pair attached to a model. ``att_in`` / ``att_out`` are the two SAEs' attachments (their tensors
     are recorded under their site names, e.g. ``cache["blocks.2.ln2.hook_out.hook_sae_acts_post"]``);
-    ``jacobian`` holds the last forward pass's ``SparseJacobian`` when attached with ``jacobian=True``."""
+    ``jacobian`` holds the ``SparseJacobian`` of the last forward pass run in this thread when attached
+    with ``jacobian=True``."""
 
     def __init__(self, pair: Any) -> None:
         self.pair = pair
         self.att_in: Attachment | None = None
         self.att_out: Attachment | None = None
-        self.jacobian: Any = None
+        self._local = threading.local()  # one Jacobian per thread: concurrent forwards don't swap them
+
+    @property
+    def jacobian(self) -> Any:
+        return getattr(self._local, "jacobian", None)
+
+    @jacobian.setter
+    def jacobian(self, value: Any) -> None:
+        self._local.jacobian = value
 
     @property
     def attachments(self) -> list[Attachment]:

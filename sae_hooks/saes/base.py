@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import SAEConfig
 from ..errors import ShapeMismatchError
-from .kernels import sparse_decode_values
+from .kernels import crow_rows, sparse_decode_ragged, sparse_decode_values
 
 @dataclass
 class SparseLatents:
@@ -26,19 +26,29 @@ class SparseLatents:
     ``values`` and ``indices`` have shape ``(..., k)``; the dense equivalent has shape ``(..., d_sae)``.
     ``pre`` holds the ``(..., d_sae)`` pre-activations (detached) when the encoder ran in training mode
     (AuxK picks dead latents from them); inference leaves it ``None``.
+
+    Ragged (BatchTopK's training latents, a different count per token): ``values``/``indices`` are
+    ``(M,)``, token-major, and ``crow (N + 1,)`` holds each token's range; the dense equivalent is
+    ``(N, d_sae)``.
     """
 
     values: Tensor
     indices: Tensor
     d_sae: int
     pre: Tensor | None = None
+    crow: Tensor | None = None
 
     def to_dense(self) -> Tensor:
+        if self.crow is not None:
+            dense = self.values.new_zeros(self.crow.numel() - 1, self.d_sae)
+            return dense.index_put_((crow_rows(self.crow), self.indices), self.values, accumulate=True)
         dense = self.values.new_zeros(*self.values.shape[:-1], self.d_sae)
         return dense.scatter(-1, self.indices, self.values)
 
     @property
     def shape(self) -> torch.Size:
+        if self.crow is not None:
+            return torch.Size((self.crow.numel() - 1, self.d_sae))
         return torch.Size((*self.values.shape[:-1], self.d_sae))
 
 
@@ -258,7 +268,9 @@ def _native_io(what: str) -> Any:
 
 def sparse_decode(latents: SparseLatents, W_dec: Tensor) -> Tensor:
     """``dense(latents) @ W_dec`` by gathering ``k`` rows per token (no ``(N, d_sae)`` matrix, also in
-    the backward: :class:`~.kernels.SparseDecode`)."""
+    the backward: :class:`~.kernels.SparseDecode`, or :class:`~.kernels.SparseDecodeRagged`)."""
+    if latents.crow is not None:
+        return sparse_decode_ragged(latents.values, latents.indices, latents.crow, W_dec)
     lead = latents.values.shape[:-1]
     k = latents.values.shape[-1]
     out = sparse_decode_values(latents.values.reshape(-1, k), latents.indices.reshape(-1, k), W_dec)

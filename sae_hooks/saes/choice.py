@@ -6,9 +6,13 @@ pre-activations with a total budget of ``k·N`` matches:
 * **Mutual Choice** (``mutual_choice``): the ``k·N`` largest entries of the whole matrix survive (the
   same selection as BatchTopK). Tokens get a variable number of latents.
 * **Feature Choice** (``feature_choice``): feature ``i`` keeps its ``m_i`` largest entries down the
-  batch (its top-``m_i`` tokens); uniform ``m_i = round(k·N/F)`` or Zipf-distributed capacities
-  (:func:`zipf_capacities`). Every feature with a positive pre-activation somewhere in the batch
-  fires, so none can die.
+  batch (its top-``m_i`` tokens); uniform ``m = k·N/F`` (:func:`uniform_capacities`: when not an integer,
+  ``⌊m⌋`` each and the rest of the ``k·N`` to the features with the best next match, never below 1) or
+  Zipf-distributed capacities (:func:`zipf_capacities`). Every feature with a positive pre-activation
+  somewhere in the batch fires, so none can die.
+
+``k`` sets the budget; the training setting ``budget`` (average matches per token, may be fractional)
+overrides it, e.g. to match a target mean L0 at inference.
 
 Only entries > 0 are kept (ReLU), so "exactly ``k·N``" holds whenever the batch has that many positive
 pre-activations.
@@ -24,17 +28,19 @@ EMA of each feature's firing density (``feature_density``, used by Zipf capaciti
 Training: ``mse_scale · mean ||y − y_hat||²`` (TopK's normalised MSE) on the selection, plus
 ``aux_coefficient ·`` :func:`aux_zipf_loss` (or OpenAI's AuxK with ``aux="k"``); unit-norm decoder rows.
 
-``aux_zipf_loss``. The paper's text (arXiv 2411.02124) was not readable from here; only its abstract and
-reviews were ("generalises aux_k_loss to mitigate dead and underutilised features"; "the Zipf distribution
-fits the feature densities except at the lower end"). Our definition, which is AuxK exactly when every
-feature is either dead or at/above its Zipf-expected density:
+``aux_zipf_loss`` is OUR definition: the paper's formula (arXiv 2411.02124, body not stored in any source
+this project can read; docs/methods.md lists what was searched) is unknown. Its abstract and reviews say only
+"generalises aux_k_loss to mitigate dead and underutilised features" and "the Zipf distribution fits the
+feature densities except at the lower end". Ours is AuxK exactly when every feature is either dead or
+at/above its Zipf-expected density:
 
 1. rank the features by their firing density ``d_i`` (EMA over training batches), rank ``r_i = 1`` the most
    used; fit ``log d = c − α log r`` by least squares on the upper half of the ranks with ``d > 0`` (or fix
    ``α`` and fit ``c`` only): the Zipf curve ``e_i = exp(c)·r_i^-α``;
 2. under-use weight ``w_i = clamp(1 − d_i / e_i, 0, 1)`` (1 for a dead feature, 0 at or above the curve);
-3. per token, the ``aux_k`` features with the largest ``w_i · ReLU(pre_i)`` among ``w_i > 0`` reconstruct
-   the detached residual ``e = y − y_hat``: ``r = Σ_i w_i ReLU(pre_i) W_dec[i]`` (no ``b_dec``);
+3. per token, the ``aux_k`` features with the largest ``w_i · ReLU(pre_i)`` among ``w_i > 0`` and not already
+   matched with that token by the main allocation (as AuxK's dead latents never are) reconstruct the detached
+   residual ``e = y − y_hat``: ``r = Σ_i w_i ReLU(pre_i) W_dec[i]`` (no ``b_dec``);
 4. ``aux_zipf_loss = mean ||e − r||² / mean ||e − mean(e)||²`` (OpenAI's normalisation, as our AuxK).
 
 Training works on the selected entries only: :class:`CooEncode` / :class:`CooDecode` compute the
@@ -83,9 +89,10 @@ class MutualChoiceSAE(_ChoiceSAE):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros((), dtype=cfg.torch_dtype))
 
-    def select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Training selection on ``pre (N, F)``: ``(rows, cols, values)`` of the ``k·N`` largest positive entries."""
-        return mutual_choice_select(pre, int(self.cfg.k))  # type: ignore[arg-type]
+    def select(self, pre: Tensor, budget: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Training selection on ``pre (N, F)``: ``(rows, cols, values)`` of the ``round(budget·N)`` largest
+        positive entries; ``budget`` (average matches per token) defaults to ``k``."""
+        return mutual_choice_select(pre, float(self.cfg.k if budget is None else budget))  # type: ignore[arg-type]
 
 
 class FeatureChoiceSAE(_ChoiceSAE):
@@ -95,11 +102,18 @@ class FeatureChoiceSAE(_ChoiceSAE):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=cfg.torch_dtype))
 
-    def select(self, pre: Tensor, capacities: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def select(self, pre: Tensor, capacities: Tensor | None = None, budget: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Training selection on ``pre (N, F)``: each feature's top-``capacities[i]`` tokens (positive only);
-        ``capacities=None`` is the uniform ``round(k·N/F)`` (at least 1)."""
+        ``capacities=None`` is the uniform ``m = budget·N/F`` of :func:`uniform_capacities` (``budget``, the
+        average matches per token, defaults to ``k``)."""
         if capacities is None:
-            capacities = uniform_capacities(self.cfg.d_sae, int(self.cfg.k), pre.shape[0], pre.device)  # type: ignore[arg-type]
+            b = float(self.cfg.k if budget is None else budget)  # type: ignore[arg-type]
+            n, f = pre.shape
+            total = round(b * n)
+            base = max(1, total // f)
+            # the (⌊m⌋+1)-th largest value of each feature ranks who takes the fractional part of m
+            nxt = pre.topk(base + 1, dim=0).values[-1] if total > base * f and base < n else None
+            capacities = uniform_capacities(f, b, n, pre.device, nxt)
         return feature_choice_select(pre, capacities)
 
 
@@ -107,10 +121,11 @@ class FeatureChoiceSAE(_ChoiceSAE):
 
 
 @torch.no_grad()
-def mutual_choice_select(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``k·N`` largest entries of ``pre (N, F)`` that are > 0, as ``(rows, cols, values)`` (each ``(nnz,)``)."""
+def mutual_choice_select(pre: Tensor, k: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``round(k·N)`` largest entries of ``pre (N, F)`` that are > 0, as ``(rows, cols, values)`` (each
+    ``(nnz,)``); ``k`` (average matches per token) may be fractional."""
     n, f = pre.shape
-    values, pos = pre.reshape(-1).topk(min(k * n, n * f), sorted=False)
+    values, pos = pre.reshape(-1).topk(min(round(k * n), n * f), sorted=False)
     keep = values > 0
     pos = pos[keep]
     return pos // f, pos % f, values[keep]
@@ -133,10 +148,23 @@ def feature_choice_select(pre: Tensor, capacities: Tensor) -> tuple[Tensor, Tens
     return rows[keep], cols[keep], values[keep]
 
 
-def uniform_capacities(d_sae: int, k: int, n_tokens: int, device: torch.device | str = "cpu") -> Tensor:
-    """``m = max(1, round(k·N/F))`` for every feature (the budget ``k·N`` spread evenly)."""
-    m = max(1, round(k * n_tokens / d_sae))
-    return torch.full((d_sae,), m, dtype=torch.long, device=device)
+def uniform_capacities(d_sae: int, k: float, n_tokens: int, device: torch.device | str = "cpu",
+                       next_values: Tensor | None = None) -> Tensor:
+    """The budget ``T = round(k·N)`` spread evenly: ``m = T/F`` tokens per feature, never below 1.
+
+    When ``T/F`` is not an integer, every feature gets ``⌊T/F⌋`` and the ``T mod F`` left over go one each to
+    the features with the largest ``next_values (F,)`` (their ``(⌊T/F⌋+1)``-th largest pre-activation in the
+    batch: the best of the matches not yet taken), so the batch total is exactly ``T``; without
+    ``next_values`` the fractional part is rounded (``round(T/F)`` each)."""
+    total = round(k * n_tokens)
+    base = max(1, total // d_sae)
+    rem = total - base * d_sae
+    if rem <= 0 or next_values is None:
+        m = max(1, round(total / d_sae)) if next_values is None else base
+        return torch.full((d_sae,), m, dtype=torch.long, device=device)
+    caps = torch.full((d_sae,), base, dtype=torch.long, device=device)
+    caps[next_values.topk(rem, sorted=False).indices.to(device)] += 1
+    return caps
 
 
 def zipf_capacities(density: Tensor, total: int, alpha: float) -> Tensor:
@@ -267,18 +295,21 @@ def zipf_weights(density: Tensor, alpha: float | None = None) -> Tensor:
 
 def aux_zipf_loss(
     sae: SAE, x_in: Tensor, pre: Tensor, residual: Tensor, weights: Tensor, aux_k: int,
-    aux_denom: Callable[[Tensor], Tensor] | None = None,
+    aux_denom: Callable[[Tensor], Tensor] | None = None, selected: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor | None:
     """The auxiliary loss of the module docstring; ``None`` when no feature is under-used.
 
     ``x_in (N, d_in)`` encoder input, ``pre (N, F)`` its (no-grad) pre-activations, ``residual (N, d)``
-    detached, ``weights (F,)`` from :func:`zipf_weights`."""
+    detached, ``weights (F,)`` from :func:`zipf_weights`, ``selected``: the ``(rows, cols)`` of the main
+    allocation, which are not auxiliary candidates (training always passes them)."""
     candidates = weights > 0
     k_aux = min(aux_k, int(candidates.sum()))
     if k_aux == 0:
         return None
     with torch.no_grad():
         score = (torch.relu(pre) * weights).masked_fill(~candidates, float("-inf"))
+        if selected is not None:  # entries already in the main reconstruction are not auxiliary candidates
+            score[selected[0], selected[1]] = float("-inf")
         idx = score.topk(k_aux, dim=-1, sorted=False).indices
         values = pre.gather(-1, idx)
     b_enc = sae.b_enc if sae.has_encoder_bias else None
@@ -293,7 +324,8 @@ def aux_zipf_loss(
 class ChoiceSettings(AuxKSettings):
     """``aux``: ``zipf`` (:func:`aux_zipf_loss`) or ``k`` (AuxK on dead latents); ``zipf_alpha``: the Zipf
     exponent (``None``: fitted; Zipf capacities then use 1.0); ``threshold_lr``, ``density_lr``: EMA rates
-    of the inference thresholds and of the feature densities. ``aux_k`` defaults to 32, not AuxK's 256:
+    of the inference thresholds and of the feature densities; ``budget``: average matches per token of the
+    training allocation (``round(budget·N)`` per batch; ``None``: ``k``; may be fractional). ``aux_k`` defaults to 32, not AuxK's 256:
     the under-used set of ``aux_zipf_loss`` is large (up to half the features), so 256 auxiliary latents
     per token would cost 16x the main selection at k = 16."""
 
@@ -302,9 +334,12 @@ class ChoiceSettings(AuxKSettings):
     zipf_alpha: float | None = None
     threshold_lr: float = 0.01
     density_lr: float = 0.01
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.budget is not None and not self.budget > 0:
+            raise ConfigError(f"{type(self).__name__}.budget must be > 0 (average matches per token), got {self.budget!r}")
         if self.aux not in ("zipf", "k"):
             raise ConfigError(f"{type(self).__name__}.aux must be 'zipf' or 'k', got {self.aux!r}")
 
@@ -326,7 +361,7 @@ class ChoiceTraining(TrainingSpec):
     synced_buffers = ("threshold", "feature_density")
 
     def select(self, sae: _ChoiceSAE, pre: Tensor, settings: ChoiceSettings, first: bool) -> tuple[Tensor, Tensor, Tensor]:
-        return sae.select(pre)  # type: ignore[attr-defined]
+        return sae.select(pre, budget=settings.budget)  # type: ignore[attr-defined]
 
     def loss(self, sae: _ChoiceSAE, x: Tensor, target: Tensor | None, settings: ChoiceSettings, ctx: StepContext) -> LossOutput:
         y = x if target is None else target
@@ -348,7 +383,8 @@ class ChoiceTraining(TrainingSpec):
         if settings.aux_coefficient:
             residual = (y - y_hat).detach()
             if settings.aux == "zipf":
-                a = aux_zipf_loss(sae, x_in, pre, residual, weights, settings.aux_k, ctx.aux_denom) if weights is not None else None
+                a = (aux_zipf_loss(sae, x_in, pre, residual, weights, settings.aux_k, ctx.aux_denom, (rows, cols))
+                     if weights is not None else None)
             else:
                 recon = dead_reconstruction(sae, x_in, pre, ctx.dead, settings.aux_k)
                 a = None if recon is None else auxk_nmse(recon, residual, ctx.aux_denom)
@@ -391,8 +427,9 @@ class FeatureChoiceTraining(ChoiceTraining):
         caps = None
         if settings.capacities == "zipf" and not first:
             alpha = settings.zipf_alpha if settings.zipf_alpha is not None else 1.0
-            caps = zipf_capacities(sae.feature_density, int(sae.cfg.k) * pre.shape[0], alpha)  # type: ignore[arg-type]
-        return sae.select(pre, caps)
+            budget = float(sae.cfg.k if settings.budget is None else settings.budget)  # type: ignore[arg-type]
+            caps = zipf_capacities(sae.feature_density, round(budget * pre.shape[0]), alpha)
+        return sae.select(pre, caps, budget=settings.budget)
 
 
 register_sae_class(MutualChoiceSAE, spec=ChoiceTraining())

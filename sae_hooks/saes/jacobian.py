@@ -30,6 +30,12 @@ Jacobian restricted to the ``k_out`` active output latents ``O`` and the ``k_in`
 
       J[o, i] = sum_m B[m, o] * (act(g_m) * A[i, m] + act'(g_m) * u_m * G[i, m]),   G = W_dec_in @ W_gate
 
+* with a post-MLP RMSNorm (Gemma 2/3: ``hook_mlp_out`` is ``post_feedforward_layernorm(MLP(x))``), the MLP
+  output ``y`` goes through ``n(y) = s * y / r``, ``r = sqrt(mean(y²) + eps)``, ``s`` the norm's scale
+  (``1 + weight`` for Gemma). ``dn/dy = diag(s) / r - (s * y) yᵀ / (d r³)``, so ``B`` becomes, per token,
+  ``B'[m, o] = (W_out @ (s ⊙ W_enc_out))[m, o] / r - c_o (W_out @ y)[m] / (d r³)``,
+  ``c = (s * y) @ W_enc_out``: a shared matrix and a rank-one term, still ``k_out x d_mlp`` per token.
+
 Only ``k_out x k_in`` entries per token are formed, never ``d_sae x d_sae``. ``act'`` comes from one
 autograd call on the elementwise activation. Rows of output latents whose value is 0 (TopK kept a
 non-positive pre-activation, which ReLU zeroes) are 0, as the derivative of ReLU there is 0.
@@ -131,10 +137,14 @@ class FrozenMLP(nn.Module):
 
     ``W_in (d_model, d_mlp)``, ``b_in (d_mlp)``, ``W_out (d_mlp, d_model)``, ``b_out (d_model)``, and for a
     gated MLP ``W_gate (d_model, d_mlp)`` (+ ``b_gate``). ``act`` names the elementwise activation.
+    ``post_norm_weight (d_model)``: a post-MLP RMSNorm applied to the output (Gemma's
+    ``post_feedforward_layernorm``): ``y / sqrt(mean(y²) + post_norm_eps) * (post_norm_offset + weight)``,
+    computed in float32 at least, as Hugging Face does.
     """
 
     def __init__(self, W_in: Tensor, W_out: Tensor, act: str, b_in: Tensor | None = None, b_out: Tensor | None = None,
-                 W_gate: Tensor | None = None, b_gate: Tensor | None = None):
+                 W_gate: Tensor | None = None, b_gate: Tensor | None = None, *,
+                 post_norm_weight: Tensor | None = None, post_norm_eps: float = 1e-6, post_norm_offset: float = 0.0):
         super().__init__()
         if W_in.dim() != 2 or W_out.dim() != 2 or W_out.shape != (W_in.shape[1], W_in.shape[0]):
             raise ShapeMismatchError(
@@ -152,10 +162,30 @@ class FrozenMLP(nn.Module):
         if W_gate is not None:
             self.register_buffer("W_gate", W_gate.detach().clone())
             self.register_buffer("b_gate", t(b_gate, d_mlp))
+        if post_norm_weight is not None:
+            if post_norm_weight.shape != (d_model,):
+                raise ShapeMismatchError(f"post_norm_weight must have shape ({d_model},), got {tuple(post_norm_weight.shape)}")
+            self.register_buffer("post_norm_weight", post_norm_weight.detach().clone())
+        self.post_norm_eps, self.post_norm_offset = float(post_norm_eps), float(post_norm_offset)
 
     @property
     def gated(self) -> bool:
         return hasattr(self, "W_gate")
+
+    @property
+    def post_norm(self) -> bool:
+        """Whether the output goes through a post-MLP RMSNorm (Gemma's ``post_feedforward_layernorm``)."""
+        return hasattr(self, "post_norm_weight")
+
+    def post_norm_scale(self) -> Tensor:
+        """The post-MLP norm's scale ``s`` ``(d_model,)`` (``offset + weight``)."""
+        return self.post_norm_offset + self.post_norm_weight
+
+    def _normed(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(n(y), r)`` of the post-MLP norm, ``r`` ``(..., 1)``; in float32 at least, cast back to ``y``'s dtype."""
+        yf = y if y.dtype in (torch.float32, torch.float64) else y.float()
+        r = (yf.pow(2).mean(-1, keepdim=True) + self.post_norm_eps).sqrt()
+        return (yf / r * self.post_norm_scale().to(yf.dtype)).to(y.dtype), r.to(y.dtype)
 
     @property
     def d_model(self) -> int:
@@ -181,24 +211,40 @@ class FrozenMLP(nn.Module):
         x = x.to(self.W_in.dtype)
         u = x @ self.W_in + self.b_in
         h = self.act(x @ self.W_gate + self.b_gate) * u if self.gated else self.act(u)
-        return h @ self.W_out + self.b_out
+        y = h @ self.W_out + self.b_out
+        return self._normed(y)[0] if self.post_norm else y
 
     def forward_with_grads(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``(MLP(x), terms)`` where ``terms`` holds what the Jacobian needs, each ``(..., d_mlp)``:
-        ``{"act_grad": act'(z)}`` (plain) or ``{"act": act(g), "act_grad_u": act'(g) * u}`` (gated)."""
+        ``{"act_grad": act'(z)}`` (plain) or ``{"act": act(g), "act_grad_u": act'(g) * u}`` (gated); with a
+        post-MLP norm also ``"post_y"`` (the output before the norm, ``(..., d_model)``) and ``"post_r"``
+        (its RMS, ``(..., 1)``)."""
         x = x.to(self.W_in.dtype)
         u = x @ self.W_in + self.b_in
         if self.gated:
             a, g = self.act_and_grad(x @ self.W_gate + self.b_gate)
-            return (a * u) @ self.W_out + self.b_out, {"act": a, "act_grad_u": g * u}
-        a, g = self.act_and_grad(u)
-        return a @ self.W_out + self.b_out, {"act_grad": g}
+            y, terms = (a * u) @ self.W_out + self.b_out, {"act": a, "act_grad_u": g * u}
+        else:
+            a, g = self.act_and_grad(u)
+            y, terms = a @ self.W_out + self.b_out, {"act_grad": g}
+        if not self.post_norm:
+            return y, terms
+        normed, r = self._normed(y)
+        return normed, {**terms, "post_y": y, "post_r": r}
 
     @classmethod
-    def from_module(cls, module: nn.Module, act: object | None = None) -> FrozenMLP:
+    def from_module(cls, module: nn.Module, act: object | None = None, post_norm: nn.Module | None = None) -> FrozenMLP:
         """Copy the weights of a GPT-2 (``c_fc``/``c_proj``), GPT-NeoX (``dense_h_to_4h``/``dense_4h_to_h``),
         Llama-style (``gate_proj``/``up_proj``/``down_proj``) or TransformerLens (``W_in``/``W_out``[/``W_gate``])
-        MLP. Wrappers exposing ``original_component`` (TransformerLens 4 bridge) are unwrapped."""
+        MLP. Wrappers exposing ``original_component`` (TransformerLens 4 bridge) are unwrapped.
+
+        ``post_norm``: the RMSNorm applied to the MLP's output before it joins the residual stream (Gemma's
+        ``layer.post_feedforward_layernorm``, TransformerLens's ``blocks[L].ln2_post``): it becomes part of
+        the frozen MLP, so the pair's output site is Gemma's ``hook_mlp_out``."""
+        if post_norm is not None:
+            mlp = cls.from_module(module, act)
+            return cls(mlp.W_in, mlp.W_out, mlp.act_name, mlp.b_in, mlp.b_out, getattr(mlp, "W_gate", None),
+                       getattr(mlp, "b_gate", None), **_post_norm_params(post_norm))
         inner = getattr(module, "original_component", None) or getattr(module, "_original_component", None)
         if isinstance(inner, nn.Module):
             module = inner
@@ -226,6 +272,26 @@ class FrozenMLP(nn.Module):
             f"cannot read MLP weights from {type(module).__name__}: expected c_fc/c_proj (GPT-2), dense_h_to_4h "
             "(GPT-NeoX), gate_proj/up_proj/down_proj (Llama) or W_in/W_out (TransformerLens)"
         )
+
+
+def _post_norm_params(norm: nn.Module) -> dict[str, Any]:
+    """``post_norm_weight`` / ``_eps`` / ``_offset`` of an RMSNorm module (Hugging Face or TransformerLens)."""
+    inner = getattr(norm, "original_component", None) or getattr(norm, "_original_component", None)
+    if isinstance(inner, nn.Module):
+        norm = inner
+    name = type(norm).__name__
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, Tensor):
+        weight = getattr(norm, "w", None)  # TransformerLens RMSNorm (Gemma's 1 + w already folded in)
+    if isinstance(norm, nn.LayerNorm) or "RMS" not in name or not isinstance(weight, Tensor):
+        raise ConfigError(f"post_norm must be an RMSNorm with a weight (Gemma's post_feedforward_layernorm), got {name}")
+    eps = next((getattr(norm, a) for a in ("eps", "variance_epsilon", "epsilon")
+                if isinstance(getattr(norm, a, None), (int, float))), None)
+    if eps is None:
+        eps = getattr(getattr(norm, "cfg", None), "eps", 1e-6)
+    # Gemma's Hugging Face RMSNorm scales by (1 + weight); TransformerLens stores 1 + weight as w already.
+    offset = 1.0 if name.startswith("Gemma") and hasattr(norm, "weight") else 0.0
+    return {"post_norm_weight": weight, "post_norm_eps": float(eps), "post_norm_offset": offset}
 
 
 @dataclass
@@ -265,8 +331,17 @@ def sparse_jacobian(
     ``terms`` come from :meth:`FrozenMLP.forward_with_grads` at the point where the MLP is linearised.
     Differentiable w.r.t. ``sae_in.W_dec`` and ``sae_out.W_enc`` (for the Jacobian sparsity loss).
     """
-    B = mlp.W_out @ sae_out.W_enc  # (d_mlp, d_sae_out)
-    B_O = B.T[lat_out.indices]  # (..., k_out, d_mlp)
+    if mlp.post_norm:  # B' = (W_out @ (s ⊙ W_enc)) / r - c (W_out @ y)ᵀ / (d r³), per token (module docstring)
+        scale = mlp.post_norm_scale().to(sae_out.W_enc.dtype)
+        y, r = terms["post_y"].to(sae_out.W_enc.dtype), terms["post_r"].to(sae_out.W_enc.dtype)
+        B = mlp.W_out @ (scale[:, None] * sae_out.W_enc)
+        enc_O = sae_out.W_enc.T[lat_out.indices]  # (..., k_out, d_model)
+        c = (enc_O @ (scale * y)[..., :, None])[..., 0]  # (..., k_out)
+        v = y @ mlp.W_out.T  # (..., d_mlp)
+        B_O = B.T[lat_out.indices] / r[..., None] - c[..., :, None] * v[..., None, :] / (mlp.d_model * r.pow(3))[..., None]
+    else:
+        B = mlp.W_out @ sae_out.W_enc  # (d_mlp, d_sae_out)
+        B_O = B.T[lat_out.indices]  # (..., k_out, d_mlp)
     A_I = (sae_in.W_dec @ mlp.W_in)[lat_in.indices]  # (..., k_in, d_mlp)
     if mlp.gated:
         G_I = (sae_in.W_dec @ mlp.W_gate)[lat_in.indices]
@@ -378,6 +453,8 @@ class JacobianSAEPair(nn.Module):
         path = Path(path)
         header = {"format": PAIR_FORMAT, "format_version": PAIR_FORMAT_VERSION, **self.cfg.to_dict(),
                   "mlp_act": self.mlp.act_name}
+        if self.mlp.post_norm:
+            header["mlp_post_norm"] = {"eps": self.mlp.post_norm_eps, "offset": self.mlp.post_norm_offset}
         with atomic_dir(path) as tmp:
             self.sae_in.save(tmp / "input")
             self.sae_out.save(tmp / "output")
@@ -392,13 +469,18 @@ class JacobianSAEPair(nn.Module):
         path = Path(path)
         data = read_versioned_json(path / PAIR_FILE, PAIR_FORMAT, PAIR_FORMAT_VERSION, "missing; not a JSAE pair folder")
         act = data.pop("mlp_act", None)
+        post = data.pop("mlp_post_norm", None)
         cfg = JSAEPairConfig.from_dict(data)
         mlp_path = path / MLP_FILE
         t = read_safetensors(mlp_path, device)
         needed = {"W_in", "b_in", "W_out", "b_out"}
         if not needed <= set(t):
             raise SAEFormatError(f"{mlp_path}: missing tensors {sorted(needed - set(t))}")
-        mlp = FrozenMLP(t["W_in"], t["W_out"], act, t["b_in"], t["b_out"], t.get("W_gate"), t.get("b_gate"))
+        if (post is None) != ("post_norm_weight" not in t):
+            raise SAEFormatError(f"{path}: pair.json's mlp_post_norm and {MLP_FILE}'s post_norm_weight must come together")
+        norm = {} if post is None else {"post_norm_weight": t["post_norm_weight"], "post_norm_eps": post["eps"],
+                                        "post_norm_offset": post["offset"]}
+        mlp = FrozenMLP(t["W_in"], t["W_out"], act, t["b_in"], t["b_out"], t.get("W_gate"), t.get("b_gate"), **norm)
         return cls(SAE.load(path / "input", device=device), SAE.load(path / "output", device=device), mlp, cfg)
 
 
@@ -413,11 +495,21 @@ def make_jsae_pair(
     bridge: bool = False,
     model_name: str | None = None,
     seed: int | None = None,
+    post_norm: nn.Module | None = None,
 ) -> JacobianSAEPair:
     """A fresh pair of TopK SAEs (SAELens standard init: W_enc = W_dec^T, unit-norm rows, zero biases,
-    ``apply_b_dec_to_input=False``) around ``mlp`` (a :class:`FrozenMLP` or an MLP module to copy)."""
-    frozen = mlp if isinstance(mlp, FrozenMLP) else FrozenMLP.from_module(mlp)
-    default_in, default_out = jsae_hooks(layer, bridge)
+    ``apply_b_dec_to_input=False``) around ``mlp`` (a :class:`FrozenMLP` or an MLP module to copy).
+
+    ``post_norm``: Gemma's post-MLP norm (``model.layers[L].post_feedforward_layernorm``): the pair's MLP
+    function becomes ``post_norm ∘ mlp`` and its default sites ``blocks.L.ln2.hook_out`` (the MLP's input)
+    -> ``blocks.L.hook_mlp_out`` (Gemma's, after that norm)."""
+    if isinstance(mlp, FrozenMLP):
+        if post_norm is not None:
+            raise ConfigError("post_norm= applies when copying an MLP module; a FrozenMLP carries its own post_norm_weight")
+        frozen = mlp
+    else:
+        frozen = FrozenMLP.from_module(mlp, post_norm=post_norm)
+    default_in, default_out = jsae_hooks(layer, bridge or frozen.post_norm)
     hook_in, hook_out = hook_in or default_in, hook_out or default_out
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     saes = []

@@ -175,6 +175,8 @@ def fired_and_l0(latents: Tensor | SparseLatents, d_sae: int, eps: float = 0.0) 
             active = latents.values > eps if eps else latents.values != 0
             fired = torch.zeros(d_sae, dtype=torch.bool, device=active.device)
             fired[latents.indices[active]] = True
+            if latents.crow is not None:  # ragged: mean over tokens
+                return fired, active.sum().float() / max(1, latents.crow.numel() - 1)
             return fired, active.sum(-1).float().mean()
         active = latents > eps if eps else latents != 0
         return active.reshape(-1, d_sae).any(0), active.sum(-1).float().mean()

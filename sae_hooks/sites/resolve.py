@@ -89,7 +89,68 @@ def _is_rms(module: nn.Module) -> bool:
 
 def _norm_width(module: nn.Module) -> int | None:
     weight = getattr(module, "weight", None)
-    return int(weight.shape[-1]) if isinstance(weight, Tensor) else None
+    if isinstance(weight, Tensor):
+        return int(weight.shape[-1])
+    shape = getattr(module, "normalized_shape", None)
+    return int(shape[-1]) if isinstance(shape, (tuple, list)) and shape else None
+
+
+def _is_token_norm(module: nn.Module) -> bool:
+    """A norm over the last (feature) axis, as transformers use (not GroupNorm/BatchNorm, channel-first)."""
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+def config_widths(cfg: Any) -> dict[str, int]:
+    """``{"d_model", "d_mlp", "d_attn", "d_vocab"}`` (those known) from a Hugging Face or TransformerLens
+    config, for :func:`width_of_hook`."""
+    if cfg is None:
+        return {}
+    text = getattr(cfg, "get_text_config", None)
+    if callable(text):  # multimodal configs keep the language model's sizes in text_config
+        try:
+            cfg = text()
+        except Exception:  # noqa: BLE001 - a config without a text part is its own text config
+            pass
+
+    def first(*names: str) -> int | None:
+        for n in names:
+            v = getattr(cfg, n, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    d_model = first("d_model", "hidden_size", "n_embd")
+    d_mlp = first("d_mlp", "intermediate_size", "n_inner") or (4 * d_model if d_model and hasattr(cfg, "n_inner") else None)
+    heads = first("n_heads", "num_attention_heads", "n_head")
+    d_head = first("d_head", "head_dim") or (d_model // heads if d_model and heads and d_model % heads == 0 else None)
+    out = {"d_model": d_model, "d_mlp": d_mlp, "d_attn": heads * d_head if heads and d_head else None,
+           "d_vocab": first("d_vocab", "vocab_size")}
+    return {k: v for k, v in out.items() if v}
+
+
+# The width of every TransformerLens name whose width is fixed by the config (TL 2/3 and TL4 spellings). TL4's
+# ``hook_in`` / ``hook_out`` are listed by component: other components' (rotary tables, token ids, per-head
+# projections) hold something else.
+_HOOK_WIDTHS = [
+    (re.compile(r"^blocks\.\d+\.(hook_resid_(pre|mid|post)|hook_(attn|mlp)_out|hook_mlp_in)$|^hook_(pos_)?embed$"
+                r"|^(blocks\.\d+\.ln\w*|ln_final)\.hook_normalized$"
+                r"|^(blocks\.\d+(\.(attn|mlp|ln\w*))?|ln_final)\.hook_(in|out)$|^(embed|pos_embed)\.hook_out$"
+                r"|^unembed\.hook_in$|\.attn\.(q|k|v)\.hook_in$|\.attn\.o\.hook_out$"
+                r"|\.mlp\.(in|gate)\.hook_in$|\.mlp\.out\.hook_out$"), "d_model"),
+    (re.compile(r"\.mlp\.(hook_pre|hook_pre_linear|hook_post|(in|gate)\.hook_out|out\.hook_in)$"), "d_mlp"),
+    (re.compile(r"\.attn\.hook_z$"), "d_attn"),
+    (re.compile(r"^(hook_unembed|unembed\.hook_out)$"), "d_vocab"),
+]
+
+
+def width_of_hook(name: str, widths: dict[str, int]) -> int | None:
+    """The last-axis width of the tensor at TransformerLens hook ``name`` (``attn.hook_z`` flattened to
+    ``n_heads * d_head``), from :func:`config_widths`; ``None`` when the name's width is not fixed."""
+    for pattern, key in _HOOK_WIDTHS:
+        if pattern.search(name):
+            return widths.get(key)
+    return None
 
 
 def _norm_eps(module: nn.Module) -> float:
@@ -248,27 +309,25 @@ class ModuleSites:
         return self.modules[path], path, side
 
     def site_width(self, site: str) -> int | None:
-        """The feature width at ``site`` when known without running the model, else ``None``."""
-        module, _, side = self.module_site(site)
-        if side == "normalized":
-            return _norm_width(module)
+        """The feature width at ``site`` when known without running the model, else ``None``.
+
+        Known: any side of a Linear, HF ``Conv1D``, embedding (output) or LayerNorm/RMSNorm (from their
+        weights), and every TransformerLens name with a fixed width (``d_model``, ``d_mlp``, ``n_heads *
+        d_head`` from the model's config). Other module sites (an activation function, a dropout, a whole
+        sub-module without a TL name) are measured at the first forward pass instead."""
+        canonical = self.resolve(site)
+        module, _, side = self.module_site(canonical)
         if isinstance(module, nn.Linear):
             return module.out_features if side == "output" else module.in_features
         weight = getattr(module, "weight", None)
         if isinstance(getattr(module, "nf", None), int) and isinstance(weight, Tensor) and weight.dim() == 2:
             return weight.shape[1] if side == "output" else weight.shape[0]  # HF GPT-2 Conv1D: (in, out)
-        if isinstance(module, nn.Embedding) and side == "output":
-            return module.embedding_dim
-        if isinstance(module, nn.LayerNorm) and module.normalized_shape:
-            return module.normalized_shape[-1]
-        cfg = getattr(self.module, "config", None)
-        width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
-        tl = site if self._tl_to_site(site) else None
-        if width and tl and tl.rsplit(".", 1)[-1] in (
-            "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_embed",
-            "hook_pos_embed", "hook_normalized",
-        ):
-            return int(width)
+        if isinstance(module, nn.Embedding):
+            return module.embedding_dim if side == "output" else None
+        if _is_token_norm(module):  # a norm keeps the width: input, output and normalised value alike
+            return _norm_width(module)
+        if self._tl_to_site(canonical) is not None:
+            return width_of_hook(canonical, config_widths(getattr(self.module, "config", None)))
         return None
 
     def install(self, site: str, fn: SiteFn) -> Remover:
@@ -279,9 +338,6 @@ class ModuleSites:
         if side == "normalized":
             return hook_norm_normalized(module, fn, path)
         return hook_module_input(module, fn, path)
-
-
-_D_MODEL_HOOK = re.compile(r"(hook_resid_(pre|mid|post)|hook_(attn|mlp)_out|ln\d\.hook_normalized|^hook_(pos_)?embed)$")
 
 
 class HookDictSites:
@@ -330,20 +386,13 @@ class HookDictSites:
         )
 
     def site_width(self, site: str) -> int | None:
+        """The feature width at ``site`` from the model's TransformerLens config (hook points), or from the
+        wrapped module's weights / config (module paths); ``None`` when the name's width is not fixed
+        (attention scores, per-head ``hook_q``/``k``/``v``, ``hook_scale``)."""
         site = self.resolve(site)
         if not self.is_hook_point(site):
             return self.modules.site_width(site) if self.modules is not None else None
-        cfg = getattr(self.model, "cfg", None)
-        if cfg is None:
-            return None
-        if _D_MODEL_HOOK.search(site):
-            return getattr(cfg, "d_model", None)
-        if re.search(r"mlp\.hook_(pre|post)$", site):
-            return getattr(cfg, "d_mlp", None)
-        if site.endswith("attn.hook_z"):
-            n_heads, d_head = getattr(cfg, "n_heads", None), getattr(cfg, "d_head", None)
-            return n_heads * d_head if n_heads and d_head else None
-        return None
+        return width_of_hook(site, config_widths(getattr(self.model, "cfg", None)))
 
     def install(self, site: str, fn: SiteFn) -> Remover:
         """A temporary forward hook on the site's ``HookPoint`` (or module); returns its remover."""

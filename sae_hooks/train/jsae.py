@@ -52,7 +52,8 @@ def check_mlp_input(model: Any, pair: JacobianSAEPair, tokens: Tensor, hooks: An
         raise ConfigError(
             f"the pair's frozen MLP applied to {pair.cfg.hook_in!r} does not give {pair.cfg.hook_out!r} "
             f"(relative error {err:.3g}).{hint} (lnN.hook_normalized is before the norm's scale and shift; "
-            "Gemma's hook_mlp_out is after its post-MLP norm.)"
+            "Gemma's hook_mlp_out is after its post-MLP norm: make the pair with "
+            "post_norm=<the layer's post_feedforward_layernorm> to include it.)"
         )
     return err
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SAEConfig, Site
-from ..errors import ConfigError, ShapeMismatchError
+from ..errors import ConfigError, DegenerateDataError, ShapeMismatchError
 from ..saes.base import SAE
 from ..saes.jacobian import JacobianSAEPair, JacobianTraining
 from ..saes.multilayer import MultiLayerSAE
@@ -189,6 +189,11 @@ class SAEObjective(Objective):
         keep = inlier_mask([b[self.site] for b in batches], "input scale", dtype)
         if self.transcoder:
             keep = [a and b for a, b in zip(keep, inlier_mask([b[self.site_out] for b in batches], "target scale", dtype))]
+            if 2 * sum(keep) <= len(keep):
+                raise DegenerateDataError(
+                    f"input and target scale: only {sum(keep)} of the first {len(keep)} batches have both an inlier "
+                    "input and an inlier target (see the warnings): no majority to set the scales from"
+                )
         batches = [b for b, k in zip(batches, keep) if k]
         xs = [b[self.site] for b in batches]
         scaling = settings.input_scaling == "scale"
@@ -317,11 +322,14 @@ class MultiLayerObjective(Objective):
         return torch.stack([inputs[s] for s in self.sites])
 
     @torch.no_grad()
-    def prepare(self, batches: list[dict[str, Tensor]], settings: Any) -> None:
+    def prepare(self, batches: list[dict[str, Tensor]], settings: Any) -> list[bool]:
         sae = self.sae
-        xs = torch.cat([sae.normalize_input(self.stack(b).reshape(-1, sae.cfg.d_in))[0] for b in batches])
+        rows = [self.stack(b).reshape(-1, sae.cfg.d_in) for b in batches]
+        keep = inlier_mask(rows, "MLSAE inputs", sae.dtype)  # degenerate batches: refused, or left out
+        xs = torch.cat([sae.normalize_input(x)[0] for x, k in zip(rows, keep) if k])
         sae.b_dec.copy_(geometric_median(xs[: self.MEDIAN_ROWS]).to(sae.dtype))
         unit_norm_rows_(sae.W_dec)
+        return keep
 
     def loss(self, inputs: dict[str, Tensor], ctx: StepContext, arch: ArchSettings) -> LossOutput:
         return self.spec.loss(self.sae, self.stack(inputs), None, arch, ctx)

@@ -9,7 +9,8 @@ the one after that position, so a resumed run continues exactly where the checkp
   ``dict[site, (N, d)]`` chunks, e.g. synthetic data with known features;
 * :class:`LiveSource`: a model run on token batches with hooks at several sites in ONE forward
   pass, the forward stopped once the last needed site has fired (a private exception raised from
-  that hook and caught here), BOS and padding tokens filtered out;
+  that hook and caught here), BOS and padding tokens filtered out. The model is a plain ``nn.Module``,
+  a TransformerLens model or an nnsight model (duck-typed: nothing here imports a framework);
 * :class:`DiskSource`: safetensors shards written by :func:`save_activations`, replayed in order or shuffled.
 
 Sites are given in any spelling :mod:`sae_hooks.sites` accepts: a TransformerLens hook name
@@ -165,12 +166,13 @@ class ActivationReader:
         out_device: str | torch.device | None = None,
         forward: Callable[[Any, Tensor, Tensor | None], Any] = default_forward,
     ):
-        self.model = model
+        inner = wrapped_module(model)
+        self.model = inner
         self.sites = list(sites)
-        self.hooks = hooks if hooks is not None else site_hooks(model, self.sites)
+        self.hooks = hooks if hooks is not None else model_site_hooks(model, self.sites)
         self.bos_token_id = bos_token_id
         self.stop_early = stop_early
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else _model_device(inner)
         self.autocast_dtype = autocast_dtype
         self.out_dtype = out_dtype
         self.out_device = out_device
@@ -220,6 +222,25 @@ class ActivationReader:
         return {s: got[s] for s in self.sites}
 
 
+def wrapped_module(model: Any) -> Any:
+    """The ``nn.Module`` an nnsight model (``NNsight``, ``LanguageModel``: an ``Envoy``) wraps, else ``model``.
+
+    Found by duck typing (an object that is not an ``nn.Module`` but holds one as ``_module``), so the core
+    never imports nnsight. Hooks on that module fire in every call of the nnsight model, traced or not, and
+    running it directly reads the same activations without a trace (see :mod:`sae_hooks.adapters.nnsight`).
+    """
+    inner = getattr(model, "_module", None) if not isinstance(model, torch.nn.Module) else None
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def model_site_hooks(model: Any, sites: Sequence[str] | None = None) -> SiteHooks:
+    """:func:`sae_hooks.sites.site_hooks` for any model a source runs, nnsight models included (the site layer
+    of the module they wrap, or the adapter's when the nnsight adapter is attached: its ``hook_names=`` apply)."""
+    inner = wrapped_module(model)
+    attached = inner is not model and "sae_manager" in getattr(model, "__dict__", {})
+    return site_hooks(model if attached else inner, sites)
+
+
 def _model_device(model: Any) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -231,8 +252,10 @@ class LiveSource:
     """Activations read from a live model, one forward pass per token batch (see :class:`ActivationReader`).
 
     Args:
-        model: a plain ``nn.Module`` (a Hugging Face model), a TransformerLens model, a model given the SAE
-            API by an adapter, or pass ``hooks`` (anything with ``install(site, fn)``).
+        model: a plain ``nn.Module`` (a Hugging Face model), a TransformerLens model (4.x ``TransformerBridge``,
+            2.x/3.x ``HookedTransformer``), an nnsight ``NNsight`` / ``LanguageModel`` (run without a trace:
+            hooks on the module it wraps), a model given the SAE API by an adapter, or pass ``hooks``
+            (anything with ``install(site, fn)``).
         sites: where to read: TransformerLens hook names, module paths or ``path:input``.
         batches: iterable (or factory) of token batches: ``(batch, seq)`` tensors or dicts with
             ``input_ids`` and optionally ``attention_mask``. For exact resumption pass something

@@ -1,11 +1,13 @@
 """Robust data statistics for a run's start: input scale, ``b_dec`` and the normalised-MSE scale.
 
 They come from the first ``init_batches`` batches, not from one: each batch gives its own estimate and
-the median is used, batches whose mean squared norm is more than :data:`OUTLIER_FACTOR` away from the
-median are left out of ``b_dec`` and ``mse_scale`` (with a warning), and a batch that cannot give a
-statistic at all is refused with :class:`~sae_hooks.errors.DegenerateDataError` naming it: all zero,
-a scale whose squares under- or overflow the training dtype (e.g. ×1e-30 or ×1e30 in float32), or rows
-that are all the same vector (no variance to normalise by).
+the median is used. Batches whose mean squared norm is more than :data:`OUTLIER_FACTOR` away from the
+median, whose scale the training dtype cannot represent (all zero, ×1e-30 or ×1e30 in float32), or
+whose variance is far below the others' (rows all the same vector) are left out of the statistics and not trained on (with a warning), as long as a strict majority of the first
+batches remain. Data that cannot give a statistic is refused with
+:class:`~sae_hooks.errors.DegenerateDataError` naming the statistic and the batch: no majority of usable
+batches (with ``init_batches=1``: one degenerate batch), or rows that are all the same vector (no
+variance to normalise the MSE by). Empty batches never get here: the trainer skips them.
 """
 
 from __future__ import annotations
@@ -40,23 +42,41 @@ def geometric_median(x: Tensor, iters: int = 50, tol: float = 1e-6) -> Tensor:
     return y
 
 
+def _mean_sq_norm(x: Tensor, j: int, n: int, what: str) -> float:
+    """``mean ||x||²`` of batch ``j`` (of ``n``), in float64 (so 1e-30 or 1e30 scales stay measurable)."""
+    if x.shape[0] == 0:
+        raise DegenerateDataError(f"{what}: batch {j + 1} of the first {n} is empty")
+    return x.double().pow(2).sum(-1).mean().item()
+
+
+def _unusable(msn: float, d: int, dtype: torch.dtype) -> str | None:
+    """Why a batch with mean squared norm ``msn`` cannot set the scale in ``dtype`` (``None``: it can)."""
+    fin = torch.finfo(dtype)
+    if msn == 0:
+        return "is 0 (all-zero rows)"
+    if math.isfinite(msn) and msn / d < fin.tiny:
+        return f"underflows {dtype}"
+    if not math.isfinite(msn) or msn > fin.max:
+        return f"overflows {dtype}"
+    return None
+
+
+def _degenerate(what: str, j: int, n: int, msn: float, why: str) -> DegenerateDataError:
+    return DegenerateDataError(
+        f"{what}: batch {j + 1} of the first {n} has mean squared norm {msn:.3g}, which {why}; "
+        "it cannot set the scale. Check the data (or the source) feeding the first batches"
+    )
+
+
 def mean_sq_norms(batches: Sequence[Tensor], what: str, dtype: torch.dtype) -> list[float]:
     """``mean ||x||²`` of each batch ``(N, d)``; refuses a batch whose squares the training ``dtype``
-    cannot hold (0, underflow, overflow)."""
-    fin = torch.finfo(dtype)
+    cannot hold (0, underflow, overflow) or that has no rows."""
     out = []
     for j, x in enumerate(batches):
-        if x.shape[0] == 0:
-            raise DegenerateDataError(f"{what}: batch {j + 1} of the first {len(batches)} is empty")
-        msn = x.double().pow(2).sum(-1).mean().item()
-        per_elem = msn / x.shape[-1]
-        if not math.isfinite(msn) or per_elem < fin.tiny or msn > fin.max:
-            why = "is 0 (all-zero rows)" if msn == 0 else (
-                f"underflows {dtype}" if math.isfinite(msn) and per_elem < fin.tiny else f"overflows {dtype}")
-            raise DegenerateDataError(
-                f"{what}: batch {j + 1} of the first {len(batches)} has mean squared norm {msn:.3g}, which {why}; "
-                "it cannot set the scale. Check the data (or the source) feeding the first batches"
-            )
+        msn = _mean_sq_norm(x, j, len(batches), what)
+        why = _unusable(msn, x.shape[-1], dtype)
+        if why is not None:
+            raise _degenerate(what, j, len(batches), msn, why)
         out.append(msn)
     return out
 
@@ -66,15 +86,52 @@ def robust_scale(batches: Sequence[Tensor], d: int, what: str, dtype: torch.dtyp
     return math.sqrt(d / statistics.median(mean_sq_norms(batches, what, dtype)))
 
 
+def _variance(x: Tensor) -> float:
+    """``mean ||x − mean x||²`` of a batch ``(N, d)``, in float64."""
+    return (x.double() - x.double().mean(0)).pow(2).sum(-1).mean().item()
+
+
 def inlier_mask(batches: Sequence[Tensor], what: str, dtype: torch.dtype) -> list[bool]:
-    """Which batches have a mean squared norm within :data:`OUTLIER_FACTOR` of the median (warns about the others)."""
-    msn = mean_sq_norms(batches, what, dtype)
-    med = statistics.median(msn)
-    keep = [med / OUTLIER_FACTOR <= m <= med * OUTLIER_FACTOR for m in msn]
+    """Which batches to compute the statistics from and train on; warns about the others.
+
+    An outlier is a batch whose mean squared norm is more than :data:`OUTLIER_FACTOR` away from the median,
+    or not representable in ``dtype`` (all zero, ×1e-30, ×1e30 in float32), or whose variance is more than
+    :data:`OUTLIER_FACTOR` below the median variance (e.g. every row the same vector: it would drag ``b_dec``
+    to that point). A strict majority of the batches must be inliers, else :class:`DegenerateDataError`
+    names the first bad batch (so with ``init_batches=1`` a degenerate first batch is refused)."""
+    n = len(batches)
+    msn = [_mean_sq_norm(x, j, n, what) for j, x in enumerate(batches)]
+    whys = [_unusable(m, x.shape[-1], dtype) for m, x in zip(msn, batches)]
+    var = [_variance(x) for x in batches]
+    med, med_var = statistics.median(msn), statistics.median(var)
+    reasons = []
+    for m, v, w in zip(msn, var, whys):
+        if w is not None:
+            reasons.append(w)
+        elif not med / OUTLIER_FACTOR <= m <= med * OUTLIER_FACTOR:
+            reasons.append(f"more than {OUTLIER_FACTOR:g}x away from the median {med:.3g}")
+        elif v < med_var / OUTLIER_FACTOR:
+            reasons.append(f"variance {v:.3g}, more than {OUTLIER_FACTOR:g}x below the median {med_var:.3g}")
+        else:
+            reasons.append(None)
+    keep = [r is None for r in reasons]
+    if 2 * sum(keep) <= n:
+        j = next((i for i, w in enumerate(whys) if w is not None), None)
+        if j is not None:
+            err = _degenerate(what, j, n, msn[j], whys[j])
+            if n > 1:
+                err.args = (f"{err.args[0]} (only {sum(keep)} of the {n} batches could, not a majority)",)
+            raise err
+        raise DegenerateDataError(
+            f"{what}: only {sum(keep)} of the first {n} batches are usable (mean squared norms "
+            f"{', '.join(f'{m:.3g}' for m in msn)}; variances {', '.join(f'{v:.3g}' for v in var)}): "
+            "no majority to set the statistics from"
+        )
     if not all(keep):
+        bad = [f"batch {j + 1}: mean squared norm {msn[j]:.3g}, {reasons[j]}" for j in range(n) if not keep[j]]
         warnings.warn(
-            f"{what}: {keep.count(False)} of the first {len(batches)} batches have a mean squared norm more than "
-            f"{OUTLIER_FACTOR:g}x away from the median {med:.3g}; left out of the statistics and not trained on",
+            f"{what}: {n - sum(keep)} of the first {n} batches are outliers ({'; '.join(bad)}); "
+            "left out of the statistics and not trained on",
             RuntimeWarning, stacklevel=3,
         )
     return keep
@@ -91,7 +148,7 @@ def robust_centre_and_mse_scale(targets: Sequence[Tensor], what: str, dtype: tor
     ``mse_scale = 1 / median_batches mean ||y − mean y||²``; rows without variance are refused."""
     keep = inliers(targets, what, dtype)
     msn = statistics.median(mean_sq_norms(keep, what, dtype))
-    var = statistics.median([(y - y.mean(0)).double().pow(2).sum(-1).mean().item() for y in keep])
+    var = statistics.median([_variance(y) for y in keep])
     if not var > 1e-12 * msn:
         raise DegenerateDataError(
             f"mse_scale: the variance of the {what} over the first {len(targets)} batches is {var:.3g} (mean squared "

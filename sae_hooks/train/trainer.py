@@ -318,7 +318,7 @@ class TrainEntry:
     ) -> dict[str, float] | None:
         """One optimiser step on ``batch`` (``{site: (N, d)}``; a bare tensor for a one-site entry, with
         ``target`` for a transcoder). Returns the metrics, or ``None`` with no change at all for a
-        non-finite batch (and while the first ``init_batches`` batches are collected for the statistics)."""
+        non-finite or empty batch (and while the first ``init_batches`` batches are collected for the statistics)."""
         if isinstance(batch, Tensor):
             if target is not None and self.site_out is None:
                 raise ConfigError(f"entry {self.name!r} is not a transcoder: it takes no target")
@@ -330,6 +330,8 @@ class TrainEntry:
             role = " (the transcoder's target: pass target= or a dict)" if missing == [self.site_out] else ""
             raise ConfigError(f"entry {self.name!r}: the batch lacks {missing}{role}; it has {sorted(batch)}")
         inputs = self.objective.inputs(batch, self.name)
+        if not self.sync.all_true(self.objective.tokens(inputs) > 0):  # no data: nothing to learn or measure
+            return self._skip("it has 0 rows (an empty batch)")
         finite = self.sync.all_true(all(bool(torch.isfinite(t).all()) for t in inputs.values()))
         if not finite:
             return self._skip("the batch contains NaN/inf")

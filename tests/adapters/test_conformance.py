@@ -10,11 +10,11 @@ another copy of the same HF module.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 
+from conftest import attach_copy
 from sae_hooks import make_sae
 
 transformers = pytest.importorskip("transformers")
@@ -50,15 +50,6 @@ def inputs():
     return tokens, mask
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(100)}, unk_token="t1"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="t0", eos_token="t0",
-                                                pad_token="t0", unk_token="t1")
-
-
 def _position_ids(mask):
     """Position ids counted from the first real token (nnsight derives these itself for left padding;
     passing them to every wrapper makes the underlying computation identical)."""
@@ -70,25 +61,7 @@ class Wrapped:
 
     def __init__(self, kind: str, hf):
         self.kind = kind
-        hf = copy.deepcopy(hf)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if kind == "torch":
-                from sae_hooks.adapters.torch import attach
-
-                self.model = attach(hf)
-            elif kind == "nnsight":
-                from nnsight import TransformersModel
-
-                from sae_hooks.adapters.nnsight import attach
-
-                self.model = attach(TransformersModel(hf, task="text-generation", tokenizer=_tokenizer()))
-            else:
-                from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
-                from sae_hooks.adapters.transformer_lens import attach
-
-                self.model = attach(build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hf.config))
+        self.model = attach_copy(kind, hf, tokenizer=True)
 
     def logits(self, tokens, mask=None, *, latents: bool = False):
         """Logits ``(batch, seq, vocab)`` and, if asked, the SAE's dense latents at SITE."""

@@ -4,11 +4,11 @@ ablate and steer give the numbers of a raw forward hook applying the SAE's own e
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 
+from conftest import attach_copy, tiny_hf_gpt2
 from sae_hooks import make_sae
 
 transformers = pytest.importorskip("transformers")
@@ -18,42 +18,8 @@ ADAPTERS = ["torch", "nnsight", "transformer_lens"]
 ATOL = 1e-5
 
 
-def _tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(100)}, unk_token="t1"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="t0", eos_token="t0", pad_token="t0",
-                                                unk_token="t1")
-
-
 def _wrap(kind, hf):
-    hf = copy.deepcopy(hf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if kind == "torch":
-            from sae_hooks.adapters.torch import attach
-
-            return attach(hf)
-        if kind == "nnsight":
-            from nnsight import TransformersModel
-
-            from sae_hooks.adapters.nnsight import attach
-
-            return attach(TransformersModel(hf, task="text-generation", tokenizer=_tokenizer()))
-        pytest.importorskip("transformer_lens.model_bridge")
-        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
-        from sae_hooks.adapters.transformer_lens import attach
-
-        return attach(build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hf.config))
+    return attach_copy(kind, hf, tokenizer=True)
 
 
 def _run(kind, model, tokens):
@@ -110,7 +76,7 @@ ARCHS = ["feature_choice", "mutual_choice", "matryoshka", "signed_topk"]
 
 @pytest.fixture(scope="module")
 def hf():
-    return _tiny_gpt2()
+    return tiny_hf_gpt2()
 
 
 @pytest.fixture(scope="module")

@@ -4,41 +4,20 @@ keeps every generation step. Truth: raw forward hooks on an unwrapped copy apply
 
 from __future__ import annotations
 
-import copy
-import warnings
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import attach_copy  # noqa: E402
+
 SITE = "blocks.0.hook_resid_post"
 KEY = f"{SITE}.hook_sae_acts_post"
 
 
 def _wrap(kind, hf):
-    hf = copy.deepcopy(hf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if kind == "torch":
-            from sae_hooks.adapters.torch import attach
-
-            return attach(hf)
-        if kind == "nnsight":
-            NNsight = pytest.importorskip("nnsight").NNsight
-
-            from sae_hooks.adapters.nnsight import attach
-
-            return attach(NNsight(hf))
-        from conftest import tl_major
-
-        if (tl_major() or 0) < 4:
-            pytest.skip("needs a TransformerLens 4 bridge")
-        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
-        from sae_hooks.adapters.transformer_lens import attach
-
-        return attach(build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hf.config))
+    return attach_copy(kind, hf)
 
 
 def _truth(hf, tokens, sae=None):

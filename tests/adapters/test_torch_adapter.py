@@ -178,9 +178,10 @@ def test_no_hooks_left_after_exceptions(model, sae):
     # A forward that fails inside the SAE (wrong width at a site of unknown width) leaves only the
     # attachment's own hook, which reset_saes removes.
     bad = make_sae("relu", 16, 8)
-    with pytest.raises(Exception, match="reads 16 features"):  # known width: refused at attach time
-        model.add_sae(bad, "transformer.h.0.attn")
-    model.add_sae(bad, "transformer.h.0.attn:input")
+    for known in ("transformer.h.0.attn", "transformer.h.0.attn:input"):  # known width: refused at attach time
+        with pytest.raises(Exception, match="reads 16 features"):
+            model.add_sae(bad, known)
+    model.add_sae(bad, "transformer.h.0.mlp.act")  # an activation function: width unknown until it runs
     with pytest.raises(Exception, match="16"):
         model(torch.randint(1, 100, (1, 4)))
     model.reset_saes()

@@ -171,3 +171,17 @@ def test_attach_errors():
     with pytest.raises(ShapeMismatchError):
         model.add_sae(wide, site=["transformer.h.0.ln_2", "transformer.h.1.ln_2"],
                       site_out=["transformer.h.0.mlp", "transformer.h.1.mlp"])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("- a\n- b\n", "expected a mapping, got list"),  # main: AttributeError 'list' object has no attribute 'get'
+    ("feature_input_hook: [1, 2]\n", "must be strings"),
+    ("feature_input_hook: {\n", "cannot read"),
+])
+def test_bad_config_yaml_is_a_typed_error_naming_the_file(tmp_path, text, match):
+    for p in (ROOT / "circuit_tracer_relu").glob("W_*.safetensors"):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(SAEFormatError, match=match) as info:
+        load_clt(tmp_path)
+    assert "config.yaml" in str(info.value)

@@ -408,7 +408,9 @@ def test_sparsify_skip_transcoder(tmp_path):
     folder, st = _sparsify_dir(tmp_path, "layers.1.mlp", transcode=True, skip=True)
     sae = sae_hooks.load(folder)
     site = sae.cfg.sites[0]
-    assert (site.hook, site.hook_out) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    # sparsify's hook reads the MLP module's input (the norm's output, after its scale) and replaces its output
+    # (on Gemma before the post-MLP norm): mlp.hook_in -> mlp.hook_out, not the pre-affine ln2.hook_normalized.
+    assert (site.hook, site.hook_out) == ("blocks.1.mlp.hook_in", "blocks.1.mlp.hook_out")
     assert not sae.cfg.apply_b_dec_to_input and sae.cfg.skip
     x = xs()
     s = f64(st)

@@ -187,6 +187,7 @@ def test_download_cut_mid_file_is_resumed_with_a_range_request(
     assert [(g.status, g.range) for g in gets] == [(200, None), (206, "bytes=100000-")]
     assert gets[0].body_bytes_sent == 100_000
     assert sum(g.body_bytes_sent for g in gets) == len(data)  # no byte downloaded twice
+    _assert_blob_is_whole(path, hub_server.etag(REPO, "big/sae.safetensors"), hashlib.sha256(data).hexdigest())
 
 
 def test_interrupted_download_resumes_in_the_same_call_and_leaves_nothing(hub_server: HubServer, repo: str) -> None:
@@ -197,7 +198,16 @@ def test_interrupted_download_resumes_in_the_same_call_and_leaves_nothing(hub_se
     path = remote.download_files(REPO, ["layer_0/sae.safetensors"])["layer_0/sae.safetensors"]
     assert path.read_bytes() == WEIGHTS_V1
     assert [(g.range, g.body_bytes_sent) for g in hub_server.content_gets()] == [(None, 1000), ("bytes=1000-", 1048)]
-    assert not any(b.endswith((".incomplete", ".partial")) for b in _blobs(_cache()))
+    _assert_blob_is_whole(path, hub_server.etag(REPO, "layer_0/sae.safetensors"), hashlib.sha256(WEIGHTS_V1).hexdigest())
+
+
+def _assert_blob_is_whole(path: Path, etag: str, sha256: str) -> None:
+    """The resumed bytes were joined at the right offset: the cached blob is named after the advertised etag and
+    hashes to it (a wrong offset or a doubled range would change the hash), and nothing is left beside it."""
+    blob = Path(os.path.realpath(path))
+    assert blob.name == etag == sha256
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == sha256
+    assert not any(b.endswith((".incomplete", ".partial", ".lock")) for b in _blobs(_cache()))
 
 
 # ------------------------------------------------------------------------------------------- corruption

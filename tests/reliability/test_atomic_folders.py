@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import activation_folder
+from sae_hooks import _atomic
 from sae_hooks._atomic import atomic_dir, atomic_dirs, folder_lock, recover
 from sae_hooks.errors import FolderLockedError, SAEHooksError
 from sae_hooks.native import load
@@ -196,11 +199,25 @@ with folder_lock(sys.argv[1]):
     open(sys.argv[2], "w").write("ready")
     time.sleep(60)
 """
+NO_FCNTL = "import sys; sys.modules['fcntl'] = None  # as on Windows: `import fcntl` raises ImportError\n"
 
 
-def test_second_process_is_refused_with_the_holder_named(tmp_path: Path) -> None:
+@pytest.fixture(params=["flock", "no fcntl"])
+def lock_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both lock implementations: ``flock``, and the exclusively created lock file used where ``fcntl`` is
+    missing (Windows), simulated here by hiding the module (children: ``sys.modules['fcntl'] = None``)."""
+    if request.param == "no fcntl":
+        monkeypatch.setattr(_atomic, "fcntl", None)
+    return request.param
+
+
+def _child(code: str, kind: str) -> str:
+    return (NO_FCNTL if kind == "no fcntl" else "") + code
+
+
+def test_second_process_is_refused_with_the_holder_named(tmp_path: Path, lock_kind: str) -> None:
     target, ready = tmp_path / "ckpt", tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(target), str(ready)], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", _child(HOLDER, lock_kind), str(target), str(ready)], cwd=ROOT)
     try:
         for _ in range(600):
             if ready.exists():
@@ -217,7 +234,68 @@ def test_second_process_is_refused_with_the_holder_named(tmp_path: Path) -> None
     finally:
         proc.kill()
         proc.wait()
+    if lock_kind == "no fcntl":  # SIGKILL leaves the lock file: its holder's PID is dead, so it is taken over
+        assert json.loads((tmp_path / ".ckpt.lock").read_text())["pid"] == proc.pid
     with folder_lock(target, timeout=5):  # released when its holder died
+        pass
+    assert hidden(tmp_path) == []
+
+
+COUNTER = r"""
+import sys, time
+from pathlib import Path
+from sae_hooks._atomic import folder_lock
+target, counter = sys.argv[1], Path(sys.argv[2])
+for _ in range(25):
+    with folder_lock(target):
+        n = int(counter.read_text())
+        time.sleep(0.002)  # a read-modify-write that loses updates unless the lock excludes the other process
+        counter.write_text(str(n + 1))
+"""
+
+
+def test_two_processes_contend_for_one_lock_without_lost_updates(tmp_path: Path, lock_kind: str) -> None:
+    counter = tmp_path / "n"
+    counter.write_text("0")
+    procs = [subprocess.Popen([sys.executable, "-c", _child(COUNTER, lock_kind), str(tmp_path / "x"), str(counter)],
+                              cwd=ROOT) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert counter.read_text() == "50"
+    assert hidden(tmp_path) == []
+
+
+def test_portable_lock_takes_over_only_what_is_known_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without fcntl: a lock file of a live PID, or of another host, is respected (the error says who holds it
+    and, for a host we cannot check, to remove it by hand); one of a dead PID, a takeover guard of a dead PID,
+    and an unreadable lock file older than UNREADABLE_LOCK_STALE_S are taken over."""
+    monkeypatch.setattr(_atomic, "fcntl", None)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock, guard = tmp_path / ".x.lock", tmp_path / ".x.lock.takeover"
+    host = socket.gethostname()
+
+    def holder(pid: int, on: str = host) -> str:
+        return json.dumps({"pid": pid, "host": on, "command": "sae-hooks train", "since": "2026-12-02T06:00:00"})
+
+    lock.write_text(holder(os.getppid()))  # alive
+    with pytest.raises(FolderLockedError, match=f"PID {os.getppid()} on host"):
+        with folder_lock(tmp_path / "x", timeout=0.1):
+            pass
+    lock.write_text(holder(dead.pid, "gpu3"))  # another host: cannot be checked from here
+    with pytest.raises(FolderLockedError, match=r"host 'gpu3' .* remove .*\.x\.lock"):
+        with folder_lock(tmp_path / "x", timeout=0.1):
+            pass
+    lock.write_text(holder(dead.pid))
+    guard.write_text(holder(dead.pid))  # a takeover interrupted by a kill
+    with folder_lock(tmp_path / "x", timeout=5):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text("")  # a writer killed between creating and filling its lock file
+    with pytest.raises(FolderLockedError, match="holder unknown"):
+        with folder_lock(tmp_path / "x", timeout=0.1):
+            pass
+    old = time.time() - _atomic.UNREADABLE_LOCK_STALE_S - 5
+    os.utime(lock, (old, old))
+    with folder_lock(tmp_path / "x", timeout=5):
         pass
     assert hidden(tmp_path) == []
 
@@ -233,7 +311,7 @@ def test_cli_refuses_a_second_run_on_one_checkpoint_dir(tmp_path: Path, capsys: 
                 break
             time.sleep(0.05)
         acts = tmp_path / "acts"
-        rc = main(["train", "--activations", str(_tiny_capture(acts)), "--out", str(tmp_path / "o"),
+        rc = main(["train", "--activations", str(activation_folder(acts)), "--out", str(tmp_path / "o"),
                    "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--steps", "2", "--no-progress"])
     finally:
         proc.kill()
@@ -244,19 +322,7 @@ def test_cli_refuses_a_second_run_on_one_checkpoint_dir(tmp_path: Path, capsys: 
     assert not (tmp_path / "o").exists()
 
 
-def _tiny_capture(folder: Path) -> Path:
-    from safetensors.torch import save_file
-
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    save_file({"s": torch.randn(512, 8, generator=g)}, str(folder / "shard_00000.safetensors"))
-    manifest = {"format": "sae_hooks.activations", "version": 1, "sites": ["s"], "widths": {"s": 8},
-                "dtype": "float32", "shards": [{"file": "shard_00000.safetensors", "tokens": 512}], "tokens": 512}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
-
-
-def test_threads_saving_one_sae_serialise_without_errors(tmp_path: Path) -> None:
+def test_threads_saving_one_sae_serialise_without_errors(tmp_path: Path, lock_kind: str) -> None:
     target = tmp_path / "sae"
     saes = [saved_sae(i) for i in range(4)]
     errors: list[BaseException] = []
@@ -279,7 +345,7 @@ def test_threads_saving_one_sae_serialise_without_errors(tmp_path: Path) -> None
     assert hidden(tmp_path) == []
 
 
-def test_lock_is_reentrant_in_one_thread(tmp_path: Path) -> None:
+def test_lock_is_reentrant_in_one_thread(tmp_path: Path, lock_kind: str) -> None:
     with folder_lock(tmp_path / "a", timeout=0), folder_lock(tmp_path / "a", timeout=0):
         with atomic_dir(tmp_path / "a", timeout=0) as tmp:  # a save inside a held lock (the CLI holds it per run)
             (tmp / "f").write_text("x")

@@ -9,30 +9,18 @@ import threading
 import pytest
 import torch
 
-from conftest import tiny_hf_gpt2
+from conftest import random_relu_sae, run_concurrently, tiny_hf_gpt2, token_batches
 from sae_hooks.adapters.torch import attach
-from sae_hooks.saes.registry import make_sae
 
 N_THREADS, CALLS = 4, 12
 
 
 def _sae() -> torch.nn.Module:
-    torch.manual_seed(3)
-    sae = make_sae("relu", 32, 64)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
-    return sae
+    return random_relu_sae()
 
 
 def _inputs() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(N_THREADS * CALLS):
-        ids = torch.randint(1, 100, (2, 6 + i % 5), generator=g)
-        ids[:, (i % 3) + 1] = 7  # the skipped token, at a different position in each input
-        out.append(ids)
-    return out
+    return token_batches(N_THREADS * CALLS, 7)  # 7 is skipped, at a different position in each input
 
 
 def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,24 +36,7 @@ def test_concurrent_calls_equal_their_single_thread_results() -> None:
     model.add_sae(_sae(), site="transformer.h.0", skip_tokens=[7], error_term=False)
     inputs = _inputs()
     expected = [_run(model, ids) for ids in inputs]  # one at a time
-    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(N_THREADS)
-
-    def worker(t: int) -> None:
-        try:
-            barrier.wait()
-            for i in range(t, len(inputs), N_THREADS):
-                got[i] = _run(model, inputs[i])
-        except BaseException as e:  # noqa: BLE001 - asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
-    assert errors == []
+    got = run_concurrently(lambda t, ids: _run(model, ids), inputs, N_THREADS)
     wrong = [i for i in range(len(inputs))
              if not (torch.equal(got[i][0], expected[i][0]) and torch.equal(got[i][1], expected[i][1]))]
     assert wrong == [], f"{len(wrong)} of {len(inputs)} concurrent calls differ from their single-thread result"
@@ -110,18 +81,11 @@ def test_generation_state_is_per_thread(n: int) -> None:
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         alone = [model.generate(p, **kw) for p in prompts]
-    got: dict[int, torch.Tensor] = {}
-    barrier = threading.Barrier(n)
 
-    def worker(i: int) -> None:
-        barrier.wait()
+    def generate(t: int, prompt: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            got[i] = model.generate(prompts[i], **kw)
+            return model.generate(prompt, **kw)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
+    got = run_concurrently(generate, prompts, n)  # thread i generates from prompt i
     for i in range(n):
         assert torch.equal(got[i], alone[i])

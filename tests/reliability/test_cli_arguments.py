@@ -4,26 +4,14 @@ than asked. Resuming with another ``--batch-tokens`` is refused."""
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from sae_hooks.app import cli
+from conftest import activation_folder
 from sae_hooks.app.cli import main
-
-
-def _capture(folder: Path) -> Path:
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    save_file({"s": torch.randn(512, 8, generator=g)}, str(folder / "shard_00000.safetensors"))
-    manifest = {"format": "sae_hooks.activations", "version": 1, "sites": ["s"], "widths": {"s": 8},
-                "dtype": "float32", "shards": [{"file": "shard_00000.safetensors", "tokens": 512}], "tokens": 512}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
+from sae_hooks.app.commands import train as train_command
 
 
 T = ["train", "--out", "{out}"]
@@ -82,7 +70,7 @@ def _fill(args: list[str], tmp_path: Path) -> list[str]:
     (tmp_path / "afile").write_text("x")
     acts = tmp_path / "acts"
     if not acts.exists():
-        _capture(acts)
+        activation_folder(acts)
     return [a.format(out=tmp_path / "out", tmp=tmp_path, file=tmp_path / "afile", acts=acts) for a in args]
 
 
@@ -138,6 +126,25 @@ def test_dist_timeout_reaches_the_process_group(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(distributed, "distributed_context", fake_context)
     with pytest.raises(SystemExit):
-        main(_fill(T + ["--distributed", "ddp", "--dist-timeout", "42.5"], tmp_path))
+        main(_fill(T + ["--activations", "{acts}", "--distributed", "ddp", "--dist-timeout", "42.5"], tmp_path))
     assert seen["timeout"] == timedelta(seconds=42.5)
-    assert cli._DIST_TIMEOUT == 1800.0  # the default stays torch's 30 minutes
+    assert train_command.DIST_TIMEOUT == 1800.0  # the default stays torch's 30 minutes
+
+
+@pytest.mark.parametrize("scale,why", [(0.0, "is 0"), (1e-30, "underflows"), (1e30, "overflows")])
+def test_train_on_degenerate_activations_is_one_line_naming_the_statistic(
+    tmp_path: Path, capsys: pytest.CaptureFixture, scale: float, why: str,
+) -> None:
+    """Every batch degenerate: the run is refused before any step, naming the statistic (issue 14: an empty or
+    all-zero start was "norm_scale must be a finite number, got nan")."""
+    from safetensors.torch import load_file, save_file
+
+    acts = activation_folder(tmp_path / "acts")
+    shard = acts / "shard_00000.safetensors"
+    save_file({"s": load_file(str(shard))["s"] * scale}, str(shard))
+    rc = main(["train", "--activations", str(acts), "--out", str(tmp_path / "o"), "--d-sae", "16", "--k", "4",
+               "--steps", "4", "--batch-tokens", "64", "--buffer-tokens", "256", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and "nan" not in err.lower()
+    assert "input scale: batch 1 of the first 3" in err and why in err
+    assert not (tmp_path / "o").exists()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import activation_folder
 import sae_hooks
 from sae_hooks.errors import ConfigError, SAEFormatError, SAEHooksError, ShapeMismatchError
 from sae_hooks.native import load
@@ -302,17 +303,7 @@ def test_resume_with_another_batch_size_is_refused(checkpoint: Path) -> None:
 
 
 def _capture(folder: Path, tokens: tuple[int, ...] = (40, 24)) -> Path:
-    folder.mkdir()
-    shards = []
-    g = torch.Generator().manual_seed(0)
-    for i, n in enumerate(tokens):
-        name = f"shard_{i:05d}.safetensors"
-        save_file({"a": torch.randn(n, 6, generator=g), "b": torch.randn(n, 4, generator=g)}, str(folder / name))
-        shards.append({"file": name, "tokens": n})
-    manifest = {"format": "sae_hooks.activations", "version": 1, "sites": ["a", "b"], "widths": {"a": 6, "b": 4},
-                "dtype": "float32", "shards": shards, "tokens": sum(tokens)}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
+    return activation_folder(folder, {"a": 6, "b": 4}, tokens)
 
 
 def _manifest_edit(fn: Callable[[dict], None]) -> Callable[[Path], None]:

@@ -150,3 +150,111 @@ def test_offline_with_a_partial_cache_says_offline(hub_server: HubServer, hf_off
     hf_offline(True)
     with pytest.raises(HubUnavailableError, match="offline"):
         sae_hooks.load("sae-hooks-test/native")
+
+
+# ------------------------------------------------------------------------------------------- snapshots
+# ``snapshot()`` fetches through the same resumable path as ``download_files`` (it used to hand the whole
+# folder to huggingface_hub's ``snapshot_download``, whose retries restart small files from byte 0 and
+# whose per-process temporary files die with the process).
+
+SNAP_FILES = [".gitattributes", "README.md", "big/sae.safetensors", "notes.json"]  # the order of a 1-worker snapshot
+
+
+def _blob_path(server: HubServer, name: str) -> Path:
+    return Path(os.environ["HF_HUB_CACHE"]) / ("models--" + REPO.replace("/", "--")) / "blobs" / server.etag(REPO, name)
+
+
+def _assert_whole_snapshot(server: HubServer, folder: Path) -> None:
+    assert _files_under(folder) == SNAP_FILES
+    for name in SNAP_FILES:
+        assert (folder / name).read_bytes() == server.files(REPO)[name]
+    for name in ("big/sae.safetensors",):  # an LFS blob is stored under its sha256: check the bytes hash to it
+        assert hashlib.sha256(_blob_path(server, name).read_bytes()).hexdigest() == server.etag(REPO, name)
+    assert not [b for b in _blobs() if b.endswith((".incomplete", ".partial", ".lock"))]
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_snapshot_resumes_files_dropped_mid_transfer_in_the_same_call(repo: HubServer, workers: int) -> None:
+    repo.truncate_next("big/sae.safetensors", 500_000, times=2)  # connection dropped twice
+    repo.truncate_next("notes.json", 300_000)
+    folder = remote.snapshot(REPO, max_workers=workers)
+    _assert_whole_snapshot(repo, folder)
+    big, notes = repo.content_gets("big/sae.safetensors"), repo.content_gets("notes.json")
+    assert [(g.range, g.body_bytes_sent) for g in big] == [
+        (None, 500_000), ("bytes=500000-", 500_000), ("bytes=1000000-", len(BIG) - 1_000_000)]
+    assert [(g.range, g.body_bytes_sent) for g in notes] == [(None, 300_000), ("bytes=300000-", len(NOTES) - 300_000)]
+    assert len(repo.content_gets()) == 2 + 3 + 2  # .gitattributes and README once each
+
+
+def test_snapshot_cut_in_every_attempt_resumes_in_the_next_call_without_refetching(repo: HubServer) -> None:
+    repo.truncate_next("big/sae.safetensors", 100, times=None, mode="short")
+    with pytest.raises(HubUnavailableError, match="'big/sae.safetensors'.*stopped at 600 of 2,097,152 bytes"):
+        remote.snapshot(REPO, max_workers=1)
+    repo.clear_faults()
+    repo.clear_requests()
+    folder = remote.snapshot(REPO, max_workers=1)
+    _assert_whole_snapshot(repo, folder)
+    # Finished files are not fetched again; the cut one continues at its 600th byte.
+    assert [(g.path.rsplit("/", 1)[-1], g.range) for g in repo.content_gets()] == [
+        ("sae.safetensors", "bytes=600-"), ("notes.json", None)]
+    repo.clear_requests()
+    assert remote.snapshot(REPO) == folder
+    assert repo.content_gets() == []  # a complete snapshot: at most the listing and HEADs, no content
+
+
+SNAP_CHILD = """
+import sys
+from sae_hooks.hub import remote
+remote.snapshot(sys.argv[1], max_workers=1)
+"""
+
+
+@pytest.mark.parametrize("point", ["between files", "mid-file"])
+def test_snapshot_killed_in_another_process_completes_here(repo: HubServer, point: str) -> None:
+    """A child process downloading a 4-file snapshot is SIGKILLed after the 3rd file (its request for the 4th
+    held by the server) or 300 kB into the 4th; the next call fetches only what is missing."""
+    if point == "between files":
+        repo.stall_requests("/notes.json", 120)  # the child's first request for the 4th file gets no answer
+    else:
+        repo.stall_next("notes.json", 300_000, 120)
+    proc = subprocess.Popen([sys.executable, "-c", SNAP_CHILD, REPO], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    partial = Path(str(_blob_path(repo, "notes.json")) + ".sae-hooks.partial")
+    try:
+        for _ in range(1200):
+            if proc.poll() is not None:
+                break
+            if point == "between files" and _blob_path(repo, "big/sae.safetensors").exists():
+                time.sleep(0.5)  # on to the 4th file, whose requests are all held: no byte of it can arrive
+                break
+            if point == "mid-file" and partial.exists() and partial.stat().st_size >= 300_000:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the child finished or died before the kill point"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _blob_path(repo, "big/sae.safetensors").exists() and not _blob_path(repo, "notes.json").exists()
+    assert partial.exists() == (point == "mid-file")
+    repo.clear_faults()
+    repo.clear_requests()
+    folder = remote.snapshot(REPO, max_workers=1)
+    _assert_whole_snapshot(repo, folder)
+    want = [(None, len(NOTES))] if point == "between files" else [("bytes=300000-", len(NOTES) - 300_000)]
+    assert [(g.range, g.body_bytes_sent) for g in repo.content_gets()] == [(r, n) for r, n in want]
+    assert all(g.path.endswith("/notes.json") for g in repo.content_gets())
+
+
+
+def test_server_that_ignores_range_gets_a_whole_fresh_copy(repo: HubServer) -> None:
+    """A retry answered 200 (the whole file) instead of 206 overwrites the partial instead of appending to it."""
+    repo.ranges_supported = False
+    repo.truncate_next("notes.json", 300_000)
+    path = remote.download_files(REPO, ["notes.json"])["notes.json"]
+    assert path.read_bytes() == NOTES
+    gets = repo.content_gets("notes.json")
+    assert [(g.status, g.range, g.body_bytes_sent) for g in gets] == [(200, None, 300_000), (200, "bytes=300000-", len(NOTES))]
+    assert not [b for b in _blobs() if b.endswith((".incomplete", ".partial", ".lock"))]

@@ -134,8 +134,11 @@ def test_choice_loss_equals_a_hand_computation(arch):
     if arch == "mutual_choice":
         keep = pre >= pre.flatten().topk(3 * 16).values.min()
     else:
-        m = round(3 * 16 / 32)
-        keep = pre >= pre.topk(m, dim=0).values.min(0).values
+        # k·N/F = 48/32 = 1.5: one token each, a second one for the 16 features whose 2nd-best is largest
+        top2 = pre.topk(2, dim=0).values
+        m = torch.ones(32, dtype=torch.long)
+        m[top2[1].topk(16).indices] = 2
+        keep = pre >= top2.gather(0, (m - 1)[None]).squeeze(0)
     f = torch.relu(pre) * keep
     x_hat = f @ sae.W_dec + sae.b_dec
     mse = ((x_hat - x) ** 2).sum(-1).mean()
@@ -205,6 +208,27 @@ def test_aux_zipf_loss_equals_the_hand_formula_and_reduces_to_auxk():
     assert aux_zipf_loss(sae, x, pre, residual, torch.zeros(16), 2) is None
 
 
+def test_aux_zipf_loss_skips_the_entries_of_the_main_allocation():
+    sae = _sae("mutual_choice", f=16)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 8, generator=g)
+    pre = (x @ sae.W_enc + sae.b_enc).detach()
+    residual = torch.randn(6, 8, generator=g)
+    w = torch.full((16,), 0.5)
+    rows, cols, _ = mutual_choice_select(pre, 2)
+    loss = aux_zipf_loss(sae, x, pre, residual, w, aux_k=3, selected=(rows, cols))
+    chosen = torch.zeros(6, 16, dtype=torch.bool)
+    chosen[rows, cols] = True
+    recon = torch.zeros(6, 8)
+    for n in range(6):  # by hand: the 3 best unselected entries of each token
+        order = sorted((i for i in range(16) if not chosen[n, i]), key=lambda i: -float(torch.relu(pre[n, i]) * w[i]))
+        for i in order[:3]:
+            recon[n] += w[i] * torch.relu(pre[n, i]) * sae.W_dec[i]
+    ref = ((recon - residual) ** 2).sum(-1).mean() / ((residual - residual.mean(0)) ** 2).sum(-1).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss, aux_zipf_loss(sae, x, pre, residual, w, aux_k=3))  # the exclusion matters here
+
+
 def test_inference_is_per_token_and_uses_the_thresholds():
     for arch in ("mutual_choice", "feature_choice"):
         sae = _sae(arch)
@@ -232,3 +256,45 @@ def test_training_with_aux_zipf_and_zipf_capacities_after_the_first_step():
         training_spec("feature_choice").settings.from_dict({"capacities": "exp"})
     with pytest.raises(Exception, match="aux"):
         training_spec("mutual_choice").settings.from_dict({"aux": "ghost"})
+
+
+def test_fractional_budget_mutual_choice_keeps_round_budget_times_n():
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(40, 64, generator=g) + 3.0  # all positive: the count is the budget alone
+    rows, _, vals = mutual_choice_select(pre, 5.3)
+    assert rows.numel() == round(5.3 * 40) == 212
+    assert vals.min() >= pre.flatten().sort(descending=True).values[211]
+
+
+def test_fractional_uniform_capacities_give_the_remainder_to_the_best_next_matches():
+    # T = round(2.25·8) = 18 over F = 4 features: ⌊4.5⌋ = 4 each, the 2 left to the two features
+    # whose 5th-largest value is largest (hand-picked below)
+    pre = torch.arange(32, dtype=torch.float32).reshape(8, 4) + 1  # column j: j+1, j+5, ..., j+29
+    pre[:, 1] += 100.0
+    pre[:, 3] += 50.0
+    sae = make_sae("feature_choice", 4, 4, k=2)
+    rows, cols, vals = sae.select(pre, budget=2.25)
+    counts = torch.bincount(cols, minlength=4)
+    assert counts.tolist() == [4, 5, 4, 5] and rows.numel() == 18
+    for j in range(4):  # each feature's largest values
+        torch.testing.assert_close(vals[cols == j].sort(descending=True).values, pre[:, j].sort(descending=True).values[: counts[j]])
+    assert uniform_capacities(4, 2.25, 8).tolist() == [round(18 / 4)] * 4  # rounded without next values
+    nxt = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    assert uniform_capacities(4, 2.25, 8, next_values=nxt).tolist() == [4, 5, 4, 5]
+    # an integer budget keeps the old rule: k·N/F each
+    assert sae.select(pre, budget=2.0)[0].numel() == 16
+
+
+def test_choice_budget_setting_is_validated_and_used_in_training():
+    from sae_hooks.errors import ConfigError
+    from sae_hooks.saes.choice import ChoiceSettings
+
+    with pytest.raises(ConfigError, match="budget"):
+        ChoiceSettings(budget=0.0)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    for arch in ("mutual_choice", "feature_choice"):
+        sae = _sae(arch, d=8, f=16, k=2)
+        with torch.no_grad():
+            sae.b_enc.fill_(20.0)  # every pre-activation positive: the count is the budget alone
+        out = choice_step(sae, x, budget=3.5)
+        assert out.metrics["l0"].item() == pytest.approx(round(3.5 * 64) / 64)

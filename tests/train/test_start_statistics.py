@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from sae_hooks import make_sae
-from sae_hooks.errors import DegenerateDataError
+from sae_hooks.errors import ConfigError, DegenerateDataError
+from sae_hooks.saes import SAE, make_mlsae
+from sae_hooks.saes.registry import trainable_architectures
 from sae_hooks.train import Trainer, TrainEntry, TrainSettings
 from sae_hooks.train.statistics import geometric_median
 
@@ -25,10 +27,16 @@ def healthy(n: int, rows: int = 64, seed: int = 0) -> list[torch.Tensor]:
             for _ in range(n)]
 
 
+def sae_of(arch: str) -> SAE:
+    try:
+        return make_sae(arch, D, 64)
+    except ConfigError:  # the sparsity is a count of latents (TopK, BatchTopK, choice, matryoshka ...)
+        return make_sae(arch, D, 64, k=4)
+
+
 def entry(arch: str, **settings) -> TrainEntry:  # noqa: ANN003
-    extra = {"k": 4} if "topk" in arch else {}
     s = TrainSettings(**{"lr": 3e-3, "warmup_steps": 5, "dead_tokens": 10_000, **settings})
-    return TrainEntry(arch, "x", make_sae(arch, D, 64, **extra), s)
+    return TrainEntry(arch, "x", sae_of(arch), s)
 
 
 def test_skipped_batchtopk_batch_does_not_move_the_threshold() -> None:
@@ -48,19 +56,31 @@ def test_skipped_batchtopk_batch_does_not_move_the_threshold() -> None:
     assert 0.5 <= l0 <= 12  # main: 0 (the threshold jumped to ~1e28)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "gated"])
+SAE_ARCHS = [a for a in trainable_architectures() if a != "mlsae"]  # every SAE the trainer trains (MLSAE below)
+DEGENERATE = {
+    "zeros": lambda x: torch.zeros_like(x),
+    "tiny": lambda x: x * 1e-30,
+    "huge20": lambda x: x * 1e20,
+    "huge": lambda x: x * 1e30,
+    "constant": lambda x: x[:1].expand_as(x).clone(),
+    "empty": lambda x: x[:0],
+}
+
+
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 @pytest.mark.parametrize("case,match", [
     ("zeros", r"input scale: batch 1 .* is 0"),
     ("tiny", r"input scale: batch 1 .* underflows torch.float32"),
+    ("huge20", r"input scale: batch 1 .* overflows torch.float32"),
     ("huge", r"input scale: batch 1 .* overflows torch.float32"),
     ("constant", r"mse_scale: .* every row is the same vector"),
 ])
 def test_degenerate_first_batch_is_refused_naming_the_statistic(arch: str, case: str, match: str) -> None:
-    x = healthy(1)[0]
-    bad = {"zeros": torch.zeros_like(x), "tiny": x * 1e-30, "huge": x * 1e30, "constant": x[:1].expand_as(x).clone()}[case]
+    bad = DEGENERATE[case](healthy(1)[0])
     trainer = Trainer([entry(arch, init_batches=1)])
-    with pytest.raises(DegenerateDataError, match=match):
+    with pytest.raises(DegenerateDataError, match=match) as info:
         trainer.step(bad)
+    assert "nan" not in str(info.value).lower()  # issue 14: was "norm_scale must be a finite number, got nan"
 
 
 def test_degenerate_batch_is_refused_without_input_scaling_too() -> None:
@@ -113,3 +133,127 @@ def test_statistics_use_every_initial_batch() -> None:
     assert c == pytest.approx(math.sqrt(D / msn), rel=1e-6)
     expected = geometric_median(torch.cat(data[:3]) * c).float()
     torch.testing.assert_close(e.sae.b_dec.detach(), expected, atol=1e-4, rtol=0)
+
+
+# A degenerate first batch among healthy ones: left out of the statistics and not trained on, so the run is
+# the clean run's; an empty batch is skipped wherever it comes. Independent truth: the same trainer on the
+# healthy batches alone (init_batches one lower where the bad batch took a statistics slot), bit for bit.
+
+STEPS = 24
+
+
+def _weights(e: TrainEntry) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in e.objective.module.state_dict().items()}
+
+
+def _assert_same_run(got: TrainEntry, want: TrainEntry) -> None:
+    assert got.state.step == want.state.step == STEPS
+    w_got, w_want = _weights(got), _weights(want)
+    assert w_got.keys() == w_want.keys()
+    for k in w_want:
+        torch.testing.assert_close(w_got[k], w_want[k], rtol=0, atol=0, msg=k)
+    assert got.sae.cfg.norm_scale == want.sae.cfg.norm_scale
+
+
+@pytest.mark.parametrize("arch", SAE_ARCHS)
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_first_batch_among_healthy_ones_gives_the_clean_run(arch: str, case: str) -> None:
+    data = healthy(STEPS)
+    bad = DEGENERATE[case](data[0] * 1.7)
+    # A statistics slot taken by a left-out batch: the clean run computes them from one batch fewer.
+    clean = entry(arch, total_steps=STEPS, init_batches=3 if case == "empty" else 2)
+    Trainer([clean]).fit(data, max_steps=STEPS)
+    poisoned = entry(arch, total_steps=STEPS)  # init_batches=3 (the default)
+    why = "0 rows" if case == "empty" else "1 of the first 3 batches"
+    with pytest.warns(RuntimeWarning, match=why):
+        Trainer([poisoned]).fit([bad, *data], max_steps=STEPS + 1)
+    assert poisoned.state.skipped == 1
+    _assert_same_run(poisoned, clean)
+
+
+@pytest.mark.parametrize("case", ["zeros", "tiny", "huge20", "huge"])
+def test_a_majority_of_degenerate_first_batches_is_refused(case: str) -> None:
+    data = healthy(3)
+    trainer = Trainer([entry("topk")])
+    assert trainer.step(DEGENERATE[case](data[0]))["topk"] is None
+    assert trainer.step(DEGENERATE[case](data[1]))["topk"] is None
+    with pytest.raises(DegenerateDataError, match=r"input scale: batch 1 of the first 3 .* \(only [01] of the 3 batches could, not a majority\)"):
+        trainer.step(data[2])
+
+
+def test_empty_batches_are_skipped_anywhere_by_name() -> None:
+    """Empty batches never reach the statistics (they wait for 3 real ones) and are skipped mid-run too."""
+    data = healthy(6)
+    e = entry("topk")
+    trainer = Trainer([e])
+    with pytest.warns(RuntimeWarning, match="skipped a batch because it has 0 rows"):
+        for b in [data[0][:0], data[0], data[1][:0], data[1], data[2]]:
+            trainer.step(b)
+    assert e.state.initialised and e.state.step == 3 and e.state.skipped == 2
+    before = _weights(e)
+    with pytest.warns(RuntimeWarning, match="0 rows"):
+        assert trainer.step(data[3][:0])["topk"] is None
+    assert all(torch.equal(before[k], v) for k, v in _weights(e).items())
+
+
+L = 3
+MLSITES = [f"blocks.{i}.hook_resid_post" for i in range(L)]
+
+
+def _layers(n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    mix = [torch.eye(D) + 0.3 * torch.randn(D, D, generator=g) for _ in range(L)]
+    return [{s: x @ mix[i] + 0.5 * i for i, s in enumerate(MLSITES)} for x in healthy(n, seed=4)]
+
+
+def _settings(**settings) -> TrainSettings:  # noqa: ANN003
+    return TrainSettings(**{"lr": 3e-3, "warmup_steps": 2, "dead_tokens": 10_000, "total_steps": STEPS, **settings})
+
+
+def _mlsae(**settings) -> TrainEntry:  # noqa: ANN003
+    s = _settings(**settings)
+    return TrainEntry("mlsae", MLSITES, make_mlsae(D, L, d_sae=64, k=4, seed=0), s, init_weights=False)
+
+
+@pytest.mark.parametrize("case", sorted(set(DEGENERATE) - {"constant"}))
+def test_mlsae_degenerate_first_batch(case: str) -> None:
+    """The MLSAE standardises each token, so only b_dec comes from the first batches: a degenerate batch is
+    refused alone (init_batches=1), left out among healthy ones (the clean run's b_dec and weights). (A batch
+    constant at each site is not degenerate here: its rows stacked over layers still vary, and each token
+    is standardised.)"""
+    data = _layers(STEPS)
+    bad = {s: DEGENERATE[case](x) for s, x in data[0].items()}
+    _refused_alone_left_out_among_healthy(_mlsae, bad, data, case, "MLSAE inputs: batch 1 of the first 1")
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+@pytest.mark.parametrize("case", ["zeros", "tiny", "huge", "empty"])
+def test_transcoder_degenerate_input_or_target(side: str, case: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(D, D, generator=g) * 0.3
+    data = [{"in": x, "out": torch.relu(x @ W)} for x in healthy(STEPS, seed=6)]
+
+    def tc(**settings) -> TrainEntry:  # noqa: ANN003
+        s = _settings(**settings)
+        return TrainEntry("tc", "in", make_sae("topk", D, 64, k=4), s, site_out="out")
+
+    bad = dict(data[0])
+    bad[side] = DEGENERATE[case](bad[side])
+    if case == "empty":
+        bad = {s: x[:0] for s, x in bad.items()}
+    statistic = "input scale" if side == "in" else "target scale"
+    _refused_alone_left_out_among_healthy(tc, bad, data, case, f"{statistic}: batch 1 of the first 1")
+
+
+def _refused_alone_left_out_among_healthy(make, bad, data, case: str, match: str) -> None:  # noqa: ANN001
+    """``bad`` as the only statistics batch (``make(init_batches=1)``) is refused (an empty one is skipped
+    instead); as the first of 3 it is left out: the run equals the clean run on ``data``, bit for bit."""
+    if case != "empty":
+        with pytest.raises(DegenerateDataError, match=match):
+            Trainer([make(init_batches=1)]).step(bad)
+    clean = make(init_batches=3 if case == "empty" else 2)
+    Trainer([clean]).fit(data, max_steps=STEPS)
+    poisoned = make()
+    with pytest.warns(RuntimeWarning):
+        Trainer([poisoned]).fit([bad, *data], max_steps=STEPS + 1)
+    _assert_same_run(poisoned, clean)

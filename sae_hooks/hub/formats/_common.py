@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..._files import read_json, read_safetensors
+from ..._files import MAX_JSON_BYTES, check_regular_file, read_json, read_safetensors
 from ...config import SAEConfig, Site
 from ...errors import ConfigError, SAEFormatError, ShapeMismatchError, UnsafeCheckpointError
 from ...native import from_state_dict
@@ -190,6 +190,53 @@ def t_(x: torch.Tensor) -> torch.Tensor:
     return x.T.contiguous()
 
 
+def read_linear_pair(
+    path: str | os.PathLike, keys: tuple[str, str, str, str], opts: LoadOptions, holder: str, dec_why: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A ``torch.save``d file that holds exactly an encoder/decoder pair in ``nn.Linear`` layout
+    (``W_enc (d_sae, d_in)``, ``W_dec (d_in, d_sae)``, ``b_enc (d_sae,)``, ``b_dec (d_in,)``), under ``keys``
+    (in that order); returns ``(raw tensors, {W_enc, b_enc, W_dec, b_dec} in our layout)``. Any other tensor,
+    a missing one or a shape off is refused naming ``holder`` ("a Goodfire SAE") and the file."""
+    src = str(path)
+    raw = float_state(torch_load_weights(path, opts.map_location), src)
+    extra = sorted(set(raw) - set(keys))
+    if extra:
+        raise SAEFormatError(f"{src}: unexpected tensors {extra} ({holder} holds {', '.join(keys)})")
+    k_we, k_be, k_wd, k_bd = keys
+    W_enc = tensor(raw, k_we, src, 2)
+    d_sae, d_in = W_enc.shape
+    W_dec = tensor(raw, k_wd, src, 2)
+    check_shape(W_dec, (d_in, d_sae), k_wd, src, dec_why)
+    b_enc, b_dec = tensor(raw, k_be, src, 1), tensor(raw, k_bd, src, 1)
+    check_shape(b_enc, (d_sae,), k_be, src)
+    check_shape(b_dec, (d_in,), k_bd, src)
+    return raw, {"W_enc": t_(W_enc), "b_enc": b_enc, "W_dec": t_(W_dec), "b_dec": b_dec}
+
+
+def read_feature_hooks(path: Path, default_in: str, default_out: str) -> tuple[str, str]:
+    """circuit-tracer's ``config.yaml``: its block-relative ``feature_input_hook`` / ``feature_output_hook``
+    (the defaults where the file or a key is absent); a typed error naming the file otherwise."""
+    if not path.exists():
+        return default_in, default_out
+    import yaml
+
+    st = check_regular_file(path, "missing config file")
+    if st.st_size > MAX_JSON_BYTES:
+        raise SAEFormatError(f"{path}: {st.st_size:,} bytes is too large for a config file (limit {MAX_JSON_BYTES:,})")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SAEFormatError(f"{path}: cannot read ({e})") from None
+    except RecursionError:
+        raise SAEFormatError(f"{path}: YAML nested too deeply") from None
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{path}: expected a mapping, got {type(cfg).__name__}")
+    hin, hout = cfg.get("feature_input_hook", default_in), cfg.get("feature_output_hook", default_out)
+    if not isinstance(hin, str) or not isinstance(hout, str):
+        raise SAEFormatError(f"{path}: feature_input_hook / feature_output_hook must be strings")
+    return hin, hout
+
+
 # ------------------------------------------------------------------------------------------- sites
 
 def make_site(hook: str | None, hook_out: str | None = None, model_name: str | None = None) -> Site:
@@ -224,10 +271,10 @@ def _module_path(hook: str, model_name: str) -> str | None:
         return None
     from ...sites import names as hooknames
 
-    # The formats that name ``lnN.hook_normalized`` (SAELens on a folded-LN HookedTransformer, Gemma Scope,
-    # sparsify, circuit-tracer) read the norm's *output*, the MLP/attention input: record that module site
-    # (``lnN.hook_out``), not the pre-affine value the name means on an unfolded model.
-    hook = re.sub(r"\.hook_normalized$", ".hook_out", hook) if re.search(r"(^|\.)ln(\d+|_final)(_post)?\.hook_normalized$", hook) else hook
+    # ``lnN.hook_normalized`` keeps its TransformerLens meaning (the norm's pre-affine value): that is the tensor
+    # the formats naming it trained on (SAELens and lm-saes run TransformerLens, where the hook sits before the
+    # scale; circuit-tracer maps it to ``<norm>.source.self__norm_0`` in nnsight). Formats that read the norm's
+    # output name ``lnN.hook_out`` / ``mlp.hook_in`` (Gemma Scope 2, sparsify, circuit-tracer's default).
     try:
         path, side = hooknames.to_module_path(hook, fam)
     except Exception:  # noqa: BLE001 - no translation for this hook: leave the module unknown

@@ -9,8 +9,10 @@ decides) and ``W_skip (d_model, d_model)`` used as ``x @ W_skip.T`` (ours: its t
 ``to_safetensors``) is read as TopK ``k``.
 
 Sites: ``config.yaml``'s ``feature_input_hook`` / ``feature_output_hook`` (block-relative TransformerLens names), else
-``mlp.hook_in`` -> ``hook_mlp_out`` (SAELens's ``mwhanna_transcoder`` convention); the layer is ``N``. ``mlp.hook_in``
-is the MLP's input (``ln2.hook_normalized``'s tensor), so its module path is taken from that name.
+``mlp.hook_in`` -> ``hook_mlp_out`` (SAELens's ``mwhanna_transcoder`` convention); the layer is ``N``. The names mean
+what they mean in circuit-tracer (``replacement_model_transformerlens.py`` / ``utils/tl_nnsight_mapping.py``):
+``mlp.hook_in`` is the MLP's input (the pre-MLP norm's output, after its scale), ``ln2.hook_normalized`` the norm's
+pre-affine value (``pre_feedforward_layernorm.source.self__norm_0`` there; TransformerLens's hook, before the scale).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..._files import read_safetensors
 from ...config import SAEConfig
 from ...errors import SAEFormatError
 from ...saes import SAE
-from ._common import LoadOptions, build, check_shape, file_dtype, make_site, t_, tensor
+from ._common import LoadOptions, build, check_shape, file_dtype, make_site, read_feature_hooks, t_, tensor
 
 NAME = "circuit_tracer"
 FILE = re.compile(r"^layer_(\d+)\.safetensors$")
@@ -41,24 +43,6 @@ def detect(files: list[str]) -> bool:
 
 def needed(files: list[str]) -> list[str]:
     return [next(f for f in files if FILE.match(f))] + ([CONFIG] if CONFIG in files else [])
-
-
-def _hooks(folder: Path) -> tuple[str, str]:
-    path = folder / CONFIG
-    if not path.exists():
-        return "mlp.hook_in", "hook_mlp_out"
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SAEFormatError(f"{path}: cannot read ({e})") from None
-    if not isinstance(cfg, dict):
-        raise SAEFormatError(f"{path}: expected a mapping, got {type(cfg).__name__}")
-    hin, hout = cfg.get("feature_input_hook", "mlp.hook_in"), cfg.get("feature_output_hook", "hook_mlp_out")
-    if not isinstance(hin, str) or not isinstance(hout, str):
-        raise SAEFormatError(f"{path}: feature_input_hook / feature_output_hook must be strings")
-    return hin, hout
 
 
 def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
@@ -103,13 +87,13 @@ def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
         W_skip = tensor(raw, "W_skip", src, 2)
         check_shape(W_skip, (d_out, d_in), "W_skip", src, "applied as x @ W_skip.T")
         state["W_skip"] = t_(W_skip)
-    hin, hout = _hooks(path.parent)
+    hin, hout = read_feature_hooks(path.parent / CONFIG, "mlp.hook_in", "hook_mlp_out")
     hook, hook_out = opts.hook or f"blocks.{layer}.{hin}", opts.hook_out or f"blocks.{layer}.{hout}"
     model = opts.model_name
     site = make_site(hook, hook_out, model)
     if hook.endswith(".mlp.hook_in") and model:
-        # The MLP's input is ln2.hook_normalized's tensor; take its module path from that name.
-        site.module = make_site(hook[: -len("mlp.hook_in")] + "ln2.hook_normalized", None, model).module
+        # The MLP's input is the pre-MLP norm's output: record that module (same tensor, the norm's path).
+        site.module = make_site(hook[: -len("mlp.hook_in")] + "ln2.hook_out", None, model).module
     cfg = SAEConfig(
         architecture=arch,
         d_in=d_in,

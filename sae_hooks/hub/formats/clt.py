@@ -25,7 +25,7 @@ import torch
 from ..._files import read_safetensors
 from ...errors import SAEFormatError
 from ...saes.clt import CrossLayerTranscoder
-from ._common import make_site, tensor
+from ._common import make_site, read_feature_hooks, tensor
 from .gemma_scope import gemma3_model
 
 CT_ENC, CT_DEC = re.compile(r"^W_enc_(\d+)\.safetensors$"), re.compile(r"^W_dec_(\d+)\.safetensors$")
@@ -55,22 +55,6 @@ def _sites(hin: str, hout: str, n: int, model: str | None) -> tuple[list[str], l
     return [s.hook for s in sites], [s.hook_out or s.hook for s in sites], sites
 
 
-def _config_hooks(folder: Path) -> tuple[str, str]:
-    path = folder / "config.yaml"
-    if not path.exists():
-        return "hook_resid_mid", "hook_mlp_out"
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SAEFormatError(f"{path}: cannot read ({e})") from None
-    hin, hout = cfg.get("feature_input_hook", "hook_resid_mid"), cfg.get("feature_output_hook", "hook_mlp_out")
-    if not isinstance(hin, str) or not isinstance(hout, str):
-        raise SAEFormatError(f"{path}: feature_input_hook / feature_output_hook must be strings")
-    return hin, hout
-
-
 def _circuit_tracer(folder: Path) -> dict:
     enc = _layers(folder, CT_ENC, "W_enc_{i}.safetensors")
     dec = _layers(folder, CT_DEC, "W_dec_{i}.safetensors")
@@ -92,7 +76,7 @@ def _circuit_tracer(folder: Path) -> dict:
         W_dec.append(tensor(rawd, f"W_dec_{i}", str(dec[i]), 3))
     if thr and len(thr) != n:
         raise SAEFormatError(f"{folder}: threshold_i present in {len(thr)} of {n} W_enc files")
-    hin, hout = _config_hooks(folder)
+    hin, hout = read_feature_hooks(folder / "config.yaml", "hook_resid_mid", "hook_mlp_out")
     return dict(W_enc=torch.stack(W_enc), b_enc=torch.stack(b_enc), b_dec=torch.stack(b_dec), W_dec=W_dec,
                 threshold=torch.stack(thr) if thr else None, hin=hin, hout=hout)
 

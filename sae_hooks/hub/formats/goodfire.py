@@ -17,7 +17,7 @@ from pathlib import Path
 from ...config import SAEConfig
 from ...errors import SAEFormatError
 from ...saes import SAE
-from ._common import LoadOptions, build, check_shape, file_dtype, float_state, make_site, t_, tensor, torch_load_weights
+from ._common import LoadOptions, build, file_dtype, make_site, read_linear_pair
 
 NAME = "goodfire"
 FILE = re.compile(r"^(.+)-SAE-l(\d+)\.pth?$")
@@ -41,17 +41,8 @@ def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
     if m is None:
         raise SAEFormatError(f"{path}: expected a file named <model>-SAE-l<N>.pt or .pth")
     stem, layer, src = m.group(1), int(m.group(2)), str(path)
-    raw = float_state(torch_load_weights(path, opts.map_location), src)
-    extra = sorted(set(raw) - set(KEYS))
-    if extra:
-        raise SAEFormatError(f"{src}: unexpected tensors {extra} (a Goodfire SAE holds {list(KEYS)})")
-    W_enc = tensor(raw, "encoder_linear.weight", src, 2)
-    d_sae, d_in = W_enc.shape
-    W_dec = tensor(raw, "decoder_linear.weight", src, 2)
-    check_shape(W_dec, (d_in, d_sae), "decoder_linear.weight", src, "an nn.Linear(d_sae, d_in) weight")
-    b_enc, b_dec = tensor(raw, "encoder_linear.bias", src, 1), tensor(raw, "decoder_linear.bias", src, 1)
-    check_shape(b_enc, (d_sae,), "encoder_linear.bias", src)
-    check_shape(b_dec, (d_in,), "decoder_linear.bias", src)
+    raw, state = read_linear_pair(path, KEYS, opts, "a Goodfire SAE", "an nn.Linear(d_sae, d_in) weight")
+    d_in, d_sae = state["W_enc"].shape
     model = opts.model_name or (f"meta-llama/{stem}" if stem.lower().startswith("llama") else None)
     hook = opts.hook or f"blocks.{layer}.hook_resid_post"
     cfg = SAEConfig(
@@ -63,5 +54,4 @@ def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
         model_name=model,
         metadata={"source_format": NAME, "layer": layer},
     )
-    state = {"W_enc": t_(W_enc), "b_enc": b_enc, "W_dec": t_(W_dec), "b_dec": b_dec}
     return build(cfg, state, src, opts)

@@ -15,7 +15,7 @@ from pathlib import Path
 from ...config import SAEConfig
 from ...errors import SAEFormatError
 from ...saes import SAE
-from ._common import LoadOptions, build, check_shape, file_dtype, float_state, make_site, t_, tensor, torch_load_weights
+from ._common import LoadOptions, build, file_dtype, make_site, read_linear_pair
 
 NAME = "qwen_scope"
 FILE = re.compile(r"^layer(\d+)\.sae\.pt$")
@@ -48,17 +48,9 @@ def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
     if m is None:
         raise SAEFormatError(f"{path}: expected a file named layer<N>.sae.pt")
     layer, src = int(m.group(1)), str(path)
-    raw = float_state(torch_load_weights(path, opts.map_location), src)
-    extra = sorted(set(raw) - {"W_enc", "W_dec", "b_enc", "b_dec"})
-    if extra:
-        raise SAEFormatError(f"{src}: unexpected tensors {extra} (a Qwen Scope file holds W_enc, W_dec, b_enc, b_dec)")
-    W_enc = tensor(raw, "W_enc", src, 2)
-    d_sae, d_in = W_enc.shape
-    W_dec = tensor(raw, "W_dec", src, 2)
-    check_shape(W_dec, (d_in, d_sae), "W_dec", src, "Qwen Scope stores (d_in, d_sae)")
-    b_enc, b_dec = tensor(raw, "b_enc", src, 1), tensor(raw, "b_dec", src, 1)
-    check_shape(b_enc, (d_sae,), "b_enc", src)
-    check_shape(b_dec, (d_in,), "b_dec", src)
+    raw, state = read_linear_pair(path, ("W_enc", "b_enc", "W_dec", "b_dec"), opts, "a Qwen Scope file",
+                                  "Qwen Scope stores (d_in, d_sae)")
+    d_in, d_sae = state["W_enc"].shape
     model, k = _repo_info(opts, path)
     if k is None:
         raise SAEFormatError(f"{src}: the TopK k of a Qwen Scope SAE is in its repo id (Qwen/SAE-Res-...-L0_<k>); "
@@ -77,5 +69,4 @@ def load(path: str | Path, opts: LoadOptions | None = None) -> SAE:
         model_name=model,
         metadata={"source_format": NAME, "layer": layer},
     )
-    state = {"W_enc": t_(W_enc), "b_enc": b_enc, "W_dec": t_(W_dec), "b_dec": b_dec}
     return build(cfg, state, src, opts)

@@ -77,9 +77,12 @@ def tl_hooks(hookpoint: str | None, transcoder: bool) -> tuple[str | None, str |
     n, sub = int(m.group(1)), m.group(2)
     if sub is None:
         return (f"blocks.{n}.hook_resid_pre", f"blocks.{n}.hook_resid_post") if transcoder else (f"blocks.{n}.hook_resid_post", None)
-    if sub == "mlp":
-        return (f"blocks.{n}.ln2.hook_normalized", f"blocks.{n}.hook_mlp_out") if transcoder else (f"blocks.{n}.hook_mlp_out", None)
-    return (f"blocks.{n}.ln1.hook_normalized", f"blocks.{n}.hook_attn_out") if transcoder else (f"blocks.{n}.hook_attn_out", None)
+    # sparsify hooks the module itself: a transcoder reads the module's *input* (the norm's output, after its
+    # scale and shift: ``mlp.hook_in``, not the pre-affine ``ln2.hook_normalized``) and predicts its output
+    # (``mlp.hook_out``: on Gemma that is before the post-MLP norm, which ``hook_mlp_out`` is after).
+    block = "mlp" if sub == "mlp" else "attn"
+    out = f"blocks.{n}.{block}.hook_out"
+    return (f"blocks.{n}.{block}.hook_in", out) if transcoder else (out, None)
 
 
 def read_config(raw: dict[str, Any], source: str = CONFIG) -> dict[str, Any]:
