@@ -205,3 +205,42 @@ def test_the_documented_groups_and_config_plan(tmp_path: Path) -> None:
     planned = plan(_groups(["--config", str(toml)]), exists)
     assert [p.name for p in planned] == [f"{s}-topk-s0" for s in layers] + ["mlsae-blocks.0.hook_resid_post-x4-s0", "pair-l2"]
     assert {p.group["k"] for p in planned} == {32} and {p.group["expansion"] for p in planned} == {16}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "llama"])
+def test_cli_pairs_take_gemmas_post_mlp_norm(family: str) -> None:
+    """``--objective jsae --layer L`` on a Gemma model: the pair's output site ``hook_mlp_out`` is after the
+    post-MLP norm, so the frozen MLP the CLI builds must be that norm after the MLP (elsewhere: the MLP). Truth:
+    the model's own activations at the pair's sites, read by forward hooks."""
+    pytest.importorskip("transformers")
+    from conftest import hf_family_cases, randomize_norms
+    from sae_hooks.app.commands.train import _pair_mlps
+    from sae_hooks.saes.jacobian import make_jsae_pair
+    from sae_hooks.sites import ModuleSites
+    from sae_hooks.train.jsae import check_mlp_input
+
+    cfg, cls, _ = hf_family_cases()[family]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    randomize_norms(model, seed=3)  # the post-MLP norm's scale is far from 1
+    planned = plan(_groups(["--objective", "jsae", "--layer", "1"]), lambda s: True)
+    mlps = _pair_mlps(model, planned)
+    frozen = mlps[planned[0].name]
+    assert bool(frozen.post_norm) == family.startswith("gemma")
+    sites = ModuleSites(model)
+    acts = {}
+    handles = []
+    for site in (planned[0].sites[0], planned[0].site_out):
+        module, _, side = sites.module_site(site)
+        assert side == "output"
+        handles.append(module.register_forward_hook(lambda m, i, o, s=site: acts.__setitem__(s, o)))
+    tokens = torch.randint(1, 100, (2, 12))
+    with torch.no_grad():
+        model(tokens)
+    for h in handles:
+        h.remove()
+    got = frozen(acts[planned[0].sites[0]])
+    want = acts[planned[0].site_out]
+    assert (got - want).norm() / want.norm() < 1e-5
+    pair = make_jsae_pair(frozen, 1, 64, 4, hook_in=planned[0].sites[0], hook_out=planned[0].site_out)
+    assert check_mlp_input(model, pair, tokens) < 1e-3

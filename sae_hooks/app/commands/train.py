@@ -176,8 +176,21 @@ def _pair_mlps(hf_model: Any, planned: list[Any]) -> dict[str, Any]:
             if side != "output":
                 sys.exit(f"sae-hooks train: {p.group.where}: the pair's output site {p.site_out!r} must be a module's "
                          f"output (the MLP's), not its {side}")
-            out[p.name] = FrozenMLP.from_module(module)
+            out[p.name] = _frozen_mlp(hf_model, module, path)
     return out
+
+
+def _frozen_mlp(hf_model: Any, module: Any, path: str) -> Any:
+    """The frozen MLP whose output is the module at ``path``: the MLP itself, or, where ``path`` is a block's
+    post-MLP norm (Gemma's ``post_feedforward_layernorm``, which Gemma's ``hook_mlp_out`` reads), that block's
+    MLP followed by the norm."""
+    from ...saes.jacobian import FrozenMLP
+
+    parent_path, _, _ = path.rpartition(".")
+    block = hf_model.get_submodule(parent_path) if parent_path else None
+    if block is not None and getattr(block, "post_feedforward_layernorm", None) is module and hasattr(block, "mlp"):
+        return FrozenMLP.from_module(block.mlp, post_norm=module)
+    return FrozenMLP.from_module(module)
 
 
 def _site_exists(resolver: Any) -> Any:
