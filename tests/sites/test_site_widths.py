@@ -81,10 +81,9 @@ def test_stated_widths_are_the_forward_widths(family: str) -> None:
     assert checked >= 30
 
 
-@pytest.mark.parametrize("kind", ["bridge_hf", "bridge_native", "hooked_transformer"])
-def test_tl_stated_widths_are_the_forward_widths(kind: str) -> None:
-    model = build_tl_model(kind)
-    sites = HookDictSites(model)
+def _check_stated_widths(model, sites: HookDictSites) -> int:  # noqa: ANN001
+    """Assert every width ``sites`` states equals the width the hook really carries in a forward pass (``hook_z``:
+    heads × d_head); return how many hooks had a stated width."""
     _, cache = model.run_with_cache(torch.randint(1, 100, (1, 5)))
     known = 0
     for name, x in cache.items():
@@ -94,7 +93,14 @@ def test_tl_stated_widths_are_the_forward_widths(kind: str) -> None:
         width = x.shape[-2] * x.shape[-1] if name.endswith("hook_z") and x.dim() == 4 else x.shape[-1]
         assert stated == width, (name, stated, tuple(x.shape))
         known += 1
-    assert known >= (20 if kind == "hooked_transformer" else 40)
+    return known
+
+
+@pytest.mark.parametrize("kind", ["bridge_hf", "bridge_native", "hooked_transformer"])
+def test_tl_stated_widths_are_the_forward_widths(kind: str) -> None:
+    model = build_tl_model(kind)
+    sites = HookDictSites(model)
+    assert _check_stated_widths(model, sites) >= (20 if kind == "hooked_transformer" else 40)
     tl4 = () if kind == "hooked_transformer" else ("blocks.0.hook_in", "blocks.1.ln2.hook_out", "unembed.hook_in")
     for name in (*tl4, "blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.0.attn.hook_z",
                  "blocks.0.mlp.hook_pre", "blocks.1.ln2.hook_normalized", "ln_final.hook_normalized"):
@@ -115,17 +121,7 @@ def test_bridge_of_every_family_states_forward_widths(family: str) -> None:
     torch.manual_seed(0)
     hf = cls(cfg).eval()
     model = build_bridge_from_module(hf, arch, hf_config=hf.config)
-    sites = HookDictSites(model)
-    _, cache = model.run_with_cache(torch.randint(1, 100, (1, 5)))
-    known = 0
-    for name, x in cache.items():
-        stated = sites.site_width(name)
-        if stated is None:
-            continue
-        width = x.shape[-2] * x.shape[-1] if name.endswith("hook_z") and x.dim() == 4 else x.shape[-1]
-        assert stated == width, (name, stated, tuple(x.shape))
-        known += 1
-    assert known >= 40
+    assert _check_stated_widths(model, HookDictSites(model)) >= 40
 
 
 def _hooks(module: torch.nn.Module) -> int:
