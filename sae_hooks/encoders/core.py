@@ -91,21 +91,17 @@ class MP:
     tol: float = 0.0
     nonnegative: bool = True
 
+    solver = staticmethod(solvers.matching_pursuit)  # not a field: the one thing OMP changes
+
     def __call__(self, sae: SAE, x_norm: Tensor) -> Tensor:
-        return solvers.matching_pursuit(x_norm - sae.b_dec, sae.W_dec, self.k, nonnegative=self.nonnegative, tol=self.tol)
+        return self.solver(x_norm - sae.b_dec, sae.W_dec, self.k, nonnegative=self.nonnegative, tol=self.tol)
 
 
 @dataclass
-class OMP:
+class OMP(MP):
     """Orthogonal matching pursuit with a budget of ``k`` distinct atoms."""
 
-    k: int = 32
-    tol: float = 0.0
-    nonnegative: bool = True
-
-    def __call__(self, sae: SAE, x_norm: Tensor) -> Tensor:
-        return solvers.orthogonal_matching_pursuit(x_norm - sae.b_dec, sae.W_dec, self.k,
-                                                   nonnegative=self.nonnegative, tol=self.tol)
+    solver = staticmethod(solvers.orthogonal_matching_pursuit)
 
 
 class MLPEncoder(nn.Module):
