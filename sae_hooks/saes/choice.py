@@ -43,9 +43,10 @@ at/above its Zipf-expected density:
    residual ``e = y − y_hat``: ``r = Σ_i w_i ReLU(pre_i) W_dec[i]`` (no ``b_dec``);
 4. ``aux_zipf_loss = mean ||e − r||² / mean ||e − mean(e)||²`` (OpenAI's normalisation, as our AuxK).
 
-Training works on the selected entries only: :class:`CooEncode` / :class:`CooDecode` compute the
-``nnz`` selected pre-activations and the reconstruction with a sparse backward (``index_add`` over the
-selected rows/columns), so no dense ``(N, F)`` gradient exists; the dense ``(N, F)`` pre-activation
+Training works on the selected entries only: sorted token-major (:func:`~sae_hooks.saes.kernels.token_major`),
+they go through BatchTopK's ragged kernels (:func:`~sae_hooks.saes.kernels.gather_encode_ragged`,
+:func:`~sae_hooks.saes.kernels.sparse_decode_ragged`: the ``nnz`` selected pre-activations and the
+reconstruction, with a sparse backward), so no dense ``(N, F)`` gradient exists; the dense ``(N, F)`` pre-activation
 matrix used to choose the entries is computed without autograd.
 """
 
@@ -60,13 +61,9 @@ from torch import Tensor
 from ..config import SAEConfig
 from ..errors import ConfigError
 from .base import SAE, SparseLatents, sparse_decode
-from .kernels import gather_encode
+from .kernels import gather_encode, gather_encode_ragged, sparse_decode_ragged, token_major
 from .registry import register_sae_class
 from .training import AuxKSettings, LossOutput, StepContext, TrainingSpec, auxk_nmse, dead_reconstruction, encoder_input, mse, skip_term
-
-#: Chunk size (elements of a ``(chunk, d)`` temporary) of the COO kernels.
-CHUNK_ELEMENTS = 1 << 24
-
 
 class _ChoiceSAE(SAE):
     uses_k = True
@@ -178,84 +175,6 @@ def zipf_capacities(density: Tensor, total: int, alpha: float) -> Tensor:
     out = torch.empty(f, dtype=torch.long, device=density.device)
     out[order] = m_by_rank
     return out
-
-
-# Sparse kernels -----------------------------------------------------------------------------------
-
-
-def _chunks(n: int, width: int):  # noqa: ANN202
-    step = max(1, CHUNK_ELEMENTS // max(1, width))
-    for a in range(0, n, step):
-        yield a, min(n, a + step)
-
-
-class CooEncode(torch.autograd.Function):
-    """``values[j] = x[rows[j]] · W_enc[:, cols[j]] + b_enc[cols[j]]`` with a sparse backward.
-
-    The forward takes the already computed (no-grad) ``values``; the backward scatters into the input
-    rows and the selected encoder columns only (chunked ``index_add_``), never an ``(N, F)`` tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor | None, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x, W_enc, rows, cols)
-        ctx.has_bias = b_enc is not None
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        x, W_enc, rows, cols = ctx.saved_tensors
-        W_t = W_enc.T
-        d = x.shape[-1]
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.zeros_like(x)
-            for a, b in _chunks(rows.numel(), d):
-                grad_x.index_add_(0, rows[a:b], (grad[a:b, None] * W_t[cols[a:b]]).to(x.dtype))
-        if ctx.needs_input_grad[1]:
-            grad_Wt = torch.zeros_like(W_t)
-            for a, b in _chunks(rows.numel(), d):
-                grad_Wt.index_add_(0, cols[a:b], (grad[a:b, None] * x[rows[a:b]]).to(W_t.dtype))
-            grad_W = grad_Wt.T
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_t.shape[0], dtype=W_t.dtype, device=W_t.device).index_add_(0, cols, grad.to(W_t.dtype))
-        return grad_x, grad_W, grad_b, None, None, None
-
-
-class CooDecode(torch.autograd.Function):
-    """``out[n] = Σ_{j: rows[j]=n} values[j] · W_dec[cols[j]]`` (``(N, d)``) with a sparse backward."""
-
-    @staticmethod
-    def forward(ctx, values: Tensor, W_dec: Tensor, rows: Tensor, cols: Tensor, n: int) -> Tensor:  # noqa: ANN001
-        ctx.save_for_backward(values, W_dec, rows, cols)
-        out = W_dec.new_zeros(n, W_dec.shape[1])
-        for a, b in _chunks(rows.numel(), W_dec.shape[1]):
-            out.index_add_(0, rows[a:b], values[a:b, None].to(W_dec.dtype) * W_dec[cols[a:b]])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        values, W_dec, rows, cols = ctx.saved_tensors
-        grad_v = grad_W = None
-        if ctx.needs_input_grad[0]:
-            grad_v = torch.empty_like(values)
-            for a, b in _chunks(rows.numel(), W_dec.shape[1]):
-                grad_v[a:b] = (grad[rows[a:b]] * W_dec[cols[a:b]]).sum(-1).to(values.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_W = torch.zeros_like(W_dec)
-            for a, b in _chunks(rows.numel(), W_dec.shape[1]):
-                grad_W.index_add_(0, cols[a:b], values[a:b, None].to(W_dec.dtype) * grad[rows[a:b]])
-        return grad_v, grad_W, None, None, None
-
-
-def coo_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
-    """Differentiable pre-activations ``(nnz,)`` of the selected ``(rows, cols)`` (``values``: their no-grad values)."""
-    return CooEncode.apply(x, W_enc, b_enc, rows, cols, values)
-
-
-def coo_decode(values: Tensor, W_dec: Tensor, rows: Tensor, cols: Tensor, n: int) -> Tensor:
-    """``dense(values at (rows, cols)) @ W_dec`` as ``(n, d)`` without building the ``(n, F)`` matrix."""
-    return CooDecode.apply(values, W_dec, rows, cols, n)
 
 
 # aux_zipf_loss ------------------------------------------------------------------------------------
@@ -375,8 +294,9 @@ class ChoiceTraining(TrainingSpec):
                 pre = pre + b_enc
             rows, cols, values = self.select(sae, pre, settings, first)
             weights = zipf_weights(sae.feature_density, settings.zipf_alpha) if settings.aux == "zipf" and not first else None
-        acts = torch.relu(coo_encode(x_in, sae.W_enc, b_enc, rows, cols, values))
-        y_hat = coo_decode(acts, sae.W_dec, rows, cols, n) + sae.b_dec + skip_term(sae, x)
+        sel = token_major(rows, cols, values, n)
+        acts = torch.relu(gather_encode_ragged(x_in, sae.W_enc, b_enc, sel))
+        y_hat = sparse_decode_ragged(acts, sel.cols, sel.crow, sae.W_dec) + sae.b_dec + skip_term(sae, x)
         err = mse(y, y_hat)
         loss = ctx.mse_scale * err
         aux = torch.zeros((), dtype=err.dtype, device=err.device)

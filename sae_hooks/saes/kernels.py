@@ -405,9 +405,21 @@ def batch_topk_select(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, n_keep: in
     flat_idx, order = best_i[keep].sort()
     values = best_v[keep][order].to(x.dtype)
     tokens = torch.div(flat_idx, d_sae, rounding_mode="floor")
-    crow = torch.zeros(n + 1, dtype=torch.long, device=x.device)
+    return BatchSelection(values, flat_idx - tokens * d_sae, row_pointers(tokens, n))
+
+
+def row_pointers(tokens: Tensor, n: int) -> Tensor:
+    """``(n + 1,)`` row pointers of token-major entries whose tokens are ``tokens (M,)`` (non-decreasing)."""
+    crow = torch.zeros(n + 1, dtype=torch.long, device=tokens.device)
     torch.cumsum(torch.bincount(tokens, minlength=n), 0, out=crow[1:])
-    return BatchSelection(values, flat_idx - tokens * d_sae, crow)
+    return crow
+
+
+def token_major(rows: Tensor, cols: Tensor, values: Tensor, n: int) -> BatchSelection:
+    """A selection given as ``(rows, cols, values)`` entries ``(M,)`` in any order (the choice SAEs'), sorted
+    token-major for :func:`gather_encode_ragged` / :func:`sparse_decode_ragged`."""
+    order = rows.argsort(stable=True)
+    return BatchSelection(values[order], cols[order], row_pointers(rows[order], n))
 
 
 class GatherEncodeRagged(torch.autograd.Function):

@@ -7,9 +7,10 @@ import torch
 
 from sae_hooks.saes import make_sae, training_spec
 from sae_hooks.saes.choice import (
-    aux_zipf_loss, coo_decode, coo_encode, feature_choice_select, mutual_choice_select, uniform_capacities,
+    aux_zipf_loss, feature_choice_select, mutual_choice_select, uniform_capacities,
     zipf_capacities, zipf_expected_density, zipf_weights,
 )
+from sae_hooks.saes.kernels import gather_encode_ragged, sparse_decode_ragged, token_major
 from sae_hooks.saes.training import StepContext, dead_reconstruction, auxk_nmse
 
 
@@ -81,7 +82,8 @@ def test_capacities():
     assert z.tolist() == [m[2], m[0], m[3], m[1]]
 
 
-def test_coo_kernels_match_dense_autograd_and_keep_the_gradient_sparse():
+@pytest.mark.parametrize("choice", ["mutual", "feature"])
+def test_choice_selections_through_the_ragged_kernels_match_dense_autograd(choice: str):
     g = torch.Generator().manual_seed(2)
     n, d, f = 12, 6, 10
     x = torch.randn(n, d, generator=g, requires_grad=True)
@@ -90,11 +92,15 @@ def test_coo_kernels_match_dense_autograd_and_keep_the_gradient_sparse():
     W_dec = torch.randn(f, d, generator=g, requires_grad=True)
     with torch.no_grad():
         pre = x @ W_enc + b_enc
-    rows, cols, vals = mutual_choice_select(pre, 2)
+    if choice == "mutual":
+        rows, cols, vals = mutual_choice_select(pre, 2)
+    else:
+        rows, cols, vals = feature_choice_select(pre, torch.tensor([3, 1, 2, 4, 0, 2, 3, 1, 2, 2]))
     target = torch.randn(n, d, generator=g)
 
-    acts = torch.relu(coo_encode(x, W_enc, b_enc, rows, cols, vals))
-    out = coo_decode(acts, W_dec, rows, cols, n)
+    sel = token_major(rows, cols, vals, n)  # choice selections come in no token order
+    acts = torch.relu(gather_encode_ragged(x, W_enc, b_enc, sel))
+    out = sparse_decode_ragged(acts, sel.cols, sel.crow, W_dec)
     loss = ((out - target) ** 2).sum()
     grads = torch.autograd.grad(loss, [x, W_enc, b_enc, W_dec])
 
