@@ -154,18 +154,21 @@ class FrozenMLP(nn.Module):
             raise ShapeMismatchError(f"W_gate must have W_in's shape {tuple(W_in.shape)}, got {tuple(W_gate.shape)}")
         self.act_name = activation_name(act)
         d_model, d_mlp = W_in.shape
-        t = lambda v, n: (v if v is not None else torch.zeros(n, dtype=W_in.dtype)).detach().clone()  # noqa: E731
-        self.register_buffer("W_in", W_in.detach().clone())
+        # Contiguous copies: the layout a saved-and-loaded pair has, so both compute bit-identically (a
+        # transposed view of the source weights takes another matmul path).
+        own_copy = lambda v: v.detach().clone(memory_format=torch.contiguous_format)  # noqa: E731
+        t = lambda v, n: own_copy(v if v is not None else torch.zeros(n, dtype=W_in.dtype))  # noqa: E731
+        self.register_buffer("W_in", own_copy(W_in))
         self.register_buffer("b_in", t(b_in, d_mlp))
-        self.register_buffer("W_out", W_out.detach().clone())
+        self.register_buffer("W_out", own_copy(W_out))
         self.register_buffer("b_out", t(b_out, d_model))
         if W_gate is not None:
-            self.register_buffer("W_gate", W_gate.detach().clone())
+            self.register_buffer("W_gate", own_copy(W_gate))
             self.register_buffer("b_gate", t(b_gate, d_mlp))
         if post_norm_weight is not None:
             if post_norm_weight.shape != (d_model,):
                 raise ShapeMismatchError(f"post_norm_weight must have shape ({d_model},), got {tuple(post_norm_weight.shape)}")
-            self.register_buffer("post_norm_weight", post_norm_weight.detach().clone())
+            self.register_buffer("post_norm_weight", own_copy(post_norm_weight))
         self.post_norm_eps, self.post_norm_offset = float(post_norm_eps), float(post_norm_offset)
 
     @property
