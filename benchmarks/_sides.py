@@ -177,8 +177,10 @@ def main() -> None:
     peak = peak_gb()
     enc, dec = [], []
     with torch.no_grad():
-        # No untimed warm-up pass: the training steps ran the same kernels (at the big cells one encode
-        # costs about a training step); every side pays the same first-call allocations.
+        # No untimed encode warm-up: the training steps ran the same kernels (at the big cells one encode
+        # costs about a training step). One untimed decode: it costs milliseconds, so its first-call
+        # allocations would otherwise dominate the median of a few repeats.
+        decode(encode(xs[0][:8]))
         for i in range(a["infer"]):
             x = xs[i % len(xs)]
             holder = {}

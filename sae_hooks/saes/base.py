@@ -168,8 +168,11 @@ class SAE(nn.Module):
         """Pre-activations from an already normalised input of shape ``(..., d_in)``."""
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        pre = x @ self.W_enc
-        return pre + self.b_enc if self.has_encoder_bias else pre
+        if not self.has_encoder_bias:
+            return x @ self.W_enc
+        # The bias rides in the matmul (addmm): one (N, d_sae) tensor instead of two.
+        flat = torch.addmm(self.b_enc, x.reshape(-1, x.shape[-1]), self.W_enc)
+        return flat.view(*x.shape[:-1], flat.shape[-1])
 
     def activate(self, pre: Tensor) -> Tensor | SparseLatents:
         """Latents from pre-activations. Implemented by each architecture."""

@@ -46,8 +46,8 @@ class BatchTopKSAE(SAE):
         return torch.relu(pre) * (pre > self.threshold)
 
     def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[Tensor, Tensor]:
-        """Dense latents; with ``training=True`` the batch top-k (:meth:`batch_topk`, the dense definition
-        that subclasses' losses and generic callers slice). :class:`BatchTopKTraining` itself uses
+        """Dense latents; with ``training=True`` the batch top-k (:meth:`batch_topk`, the dense definition,
+        for generic callers). The training losses (BatchTopK's and Matryoshka's) use
         :meth:`encode_sparse_training`: the same latents, never dense."""
         pre = self.pre_acts(x)
         return (self.batch_topk(pre) if training else self.activate(pre)), pre

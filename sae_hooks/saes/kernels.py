@@ -334,8 +334,14 @@ def topk_select(
     aux_i = torch.empty(n, k_aux, dtype=torch.long, device=x.device) if k_aux else None
     live = ~dead if k_aux else None
     kept = None
+    # One buffer for all blocks: a fresh 256 MiB tensor per block is a fresh mmap whose pages the
+    # kernel faults in and zeroes again each time. (Not under autocast, which skips ``out=`` calls.)
+    reuse = rows < n and not torch.is_autocast_enabled(x.device.type)
+    block = torch.empty(rows, d_sae, dtype=torch.result_type(x, W_enc), device=x.device) if reuse else None
     for a in range(0, n, rows):
-        pre = x[a : a + rows] @ W_enc if b_enc is None else torch.addmm(b_enc, x[a : a + rows], W_enc)
+        xb = x[a : a + rows]
+        out = None if block is None else block[: xb.shape[0]]
+        pre = torch.mm(xb, W_enc, out=out) if b_enc is None else torch.addmm(b_enc, xb, W_enc, out=out)
         if keep_pre and rows >= n:
             kept = pre.clone() if k_aux else pre
         v, i = pre.topk(k, dim=-1, sorted=False)

@@ -8,8 +8,9 @@ general features; later ones refine.
 
 dictionary_learning stores the same thing as ``group_sizes`` (the differences of the widths).
 
-Training: BatchTopK activations (the ``k·N`` largest of the batch, as both reference implementations),
-``mse_scale · Σ_g w_g · mean ||y − y_hat_g||²`` over the prefixes with ``w_g = 1/G`` by default (the mean
+Training: BatchTopK activations (the ``k·N`` largest of the batch, as both reference implementations;
+sparse and ragged as in BatchTopK's training, so no ``(N, d_sae)`` tensor or gradient is formed: each
+prefix decodes only its own latents' entries), ``mse_scale · Σ_g w_g · mean ||y − y_hat_g||²`` over the prefixes with ``w_g = 1/G`` by default (the mean
 over prefixes: Bussmann et al.'s code and dictionary_learning's default ``group_weights``; SAELens sums
 the inner prefixes' MSE onto the full one, i.e. ``prefix_weights=[1, …, 1]``), plus AuxK on the full
 reconstruction's residual and BatchTopK's threshold EMA for inference.
@@ -26,6 +27,7 @@ from ..config import SAEConfig
 from ..errors import ConfigError
 from .base import NormState
 from .batchtopk import BatchTopKSAE, BatchTopKSettings, BatchTopKTraining
+from .kernels import crow_rows, sparse_decode_ragged
 from .registry import register_sae_class
 from .topk import auxk_term
 from .training import LossOutput, StepContext, fired_and_l0, mse, skip_term
@@ -84,25 +86,32 @@ class MatryoshkaTraining(BatchTopKTraining):
         weights = settings.prefix_weights if settings.prefix_weights is not None else [1.0 / len(widths)] * len(widths)
         if len(weights) != len(widths):
             raise ConfigError(f"prefix_weights has {len(weights)} entries for the {len(widths)} prefixes {widths}")
-        f, pre = sae.encode_normalized(x, training=True)
+        # BatchTopK's sparse training latents (ragged, token-major, latents ascending within a token):
+        # prefix g adds the entries of latents [m_{g-1}, m_g), decoded as their own ragged selection.
+        f = sae.encode_sparse_training(x)
+        rows = crow_rows(f.crow)  # type: ignore[arg-type]
+        n_tokens = f.crow.numel() - 1  # type: ignore[union-attr]
         y_hat = sae.b_dec + skip_term(sae, x)
         total: Tensor | float = 0.0
         start = 0
         for w_g, m in zip(weights, widths):
-            y_hat = y_hat + f[:, start:m] @ sae.W_dec[start:m]
+            part = ((f.indices >= start) & (f.indices < m)).nonzero().squeeze(1)
+            counts = torch.bincount(rows[part], minlength=n_tokens)
+            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            y_hat = y_hat + sparse_decode_ragged(f.values[part], f.indices[part], crow, sae.W_dec)
             total = total + w_g * mse(y, y_hat)
             start = m
         err = mse(y, y_hat)
         loss = ctx.mse_scale * total
         fired, l0 = fired_and_l0(f, sae.cfg.d_sae)
         metrics = {"mse": err.detach(), "l0": l0}
-        aux = auxk_term(sae, x, pre.detach(), (y - y_hat).detach(), settings, ctx)
+        aux = auxk_term(sae, x, None, (y - y_hat).detach(), settings, ctx)  # dead columns recomputed only
         if aux is not None:
             loss = loss + aux
             metrics["aux"] = aux.detach()
         out = LossOutput(loss, fired, metrics)  # type: ignore[arg-type]
         with torch.no_grad():
-            kept = f[f > 0]
+            kept = f.values[f.values > 0]
             if kept.numel():
                 out.updates["min_kept"] = kept.min()
         return out

@@ -165,8 +165,8 @@ def test_batchtopk_training_never_builds_a_dense_batch_by_d_sae_tensor(monkeypat
 
 
 def test_sparse_training_latents_equal_the_dense_training_encoder() -> None:
-    """``encode_sparse_training`` (what BatchTopK's loss uses) and ``encode_normalized(training=True)``
-    (the dense definition, which Matryoshka's prefix losses slice) give the same latents."""
+    """``encode_sparse_training`` (what the BatchTopK and Matryoshka losses use) and
+    ``encode_normalized(training=True)`` (the dense definition) give the same latents."""
     torch.manual_seed(6)
     sae = make_sae("batchtopk", D, L, k=K, apply_b_dec_to_input=True).double()
     with torch.no_grad():

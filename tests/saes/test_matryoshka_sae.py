@@ -108,3 +108,69 @@ def test_saelens_inference_export_stays_jumprelu_with_the_same_outputs():
     golden = load_file(str(path / "golden.safetensors"))
     assert sae.cfg.architecture == "jumprelu"
     torch.testing.assert_close(sae(golden["x"]), golden["recon"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b_dec_in", [False, True])
+def test_sparse_prefix_loss_gradients_equal_the_dense_definition_with_autograd(b_dec_in):
+    """The sparse loss (ragged prefixes + AuxK) against the dense one by hand, value and every gradient."""
+    torch.manual_seed(3)
+    n, d, f_width, k, widths = 19, 8, 32, 3, [4, 12, 32]
+    sae = make_sae("matryoshka", d, f_width, k=k, matryoshka_widths=widths[:-1], apply_b_dec_to_input=b_dec_in).double()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(n, d, dtype=torch.float64)
+    x[5] = 0.0  # a token keeping few or no latents: empty prefixes
+    dead = torch.zeros(f_width, dtype=torch.bool)
+    dead[1::4] = True
+    spec = training_spec("matryoshka")
+    settings = spec.settings.from_dict({"aux_k": 5, "aux_coefficient": 0.3, "prefix_weights": [0.2, 0.3, 0.5]})
+    out = spec.loss(sae, x, None, settings, StepContext(step=0, mse_scale=0.8, dead=dead))
+    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
+
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in sae.named_parameters()}
+    x_in = x - params["b_dec"] if b_dec_in else x
+    pre = x_in @ params["W_enc"] + params["b_enc"]
+    f = sae.batch_topk(pre)  # the dense definition
+    total, x_hat = 0.0, params["b_dec"]
+    for w_g, a, m in zip([0.2, 0.3, 0.5], [0, *widths], widths):
+        x_hat = x_hat + f[:, a:m] @ params["W_dec"][a:m]
+        total = total + w_g * (x - x_hat).pow(2).sum(-1).mean()
+    resid = (x - x_hat).detach()
+    aux_idx = pre.detach().masked_fill(~dead, float("-inf")).topk(5, dim=-1).indices
+    fa = torch.zeros_like(pre).scatter(-1, aux_idx, 1.0) * torch.relu(pre)
+    denom = (resid - resid.mean(0)).pow(2).sum(-1).mean()
+    loss = 0.8 * total + 0.3 * (fa @ params["W_dec"] - resid).pow(2).sum(-1).mean() / denom
+    torch.testing.assert_close(out.loss, loss)
+    for (name, _), a, e in zip(sae.named_parameters(), grads, torch.autograd.grad(loss, list(params.values()))):
+        torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(out.updates["min_kept"], f.detach()[f.detach() > 0].min())
+    assert torch.equal(out.fired, (f > 0).any(0))
+
+
+def test_matryoshka_training_never_builds_a_dense_batch_by_d_sae_tensor(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sae_hooks.saes import kernels
+
+    n, d, f_width = 23, 10, 40
+    monkeypatch.setattr(kernels, "SELECT_BLOCK_ELEMENTS", 4 * f_width)
+    sae = make_sae("matryoshka", d, f_width, k=4, matryoshka_widths=[5, 20]).double()
+    x = torch.randn(n, d, dtype=torch.float64)
+    biggest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided:  # CSR patterns are fine
+                    biggest.append(t.numel())
+            return out
+
+    spec = training_spec("matryoshka")
+    dead = torch.zeros(f_width, dtype=torch.bool)
+    dead[::3] = True
+    with Watch():
+        out = spec.loss(sae, x, None, spec.settings.from_dict({"aux_k": 4}), StepContext(mse_scale=1.0, dead=dead))
+        out.loss.backward()
+    assert max(biggest) < n * f_width

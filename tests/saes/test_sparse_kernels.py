@@ -222,3 +222,42 @@ def test_topk_select_keeps_the_pre_activations_only_when_they_fit_in_one_block()
     torch.testing.assert_close(one.pre, x @ W + b)
     assert topk_select(x, W, b, K, keep_pre=True, block_elements=4 * L).pre is None
     assert topk_select(x, W, b, K).pre is None
+
+
+@pytest.mark.parametrize("b_dec_in", [False, True])
+def test_topk_inference_encode_is_blocked_without_grad_and_differentiable_with_it(b_dec_in: bool, monkeypatch) -> None:
+    """No-grad encode selects block by block (bounded memory) and equals ReLU(top-k(x W + b)) computed
+    densely by hand; with grad enabled it is the dense, differentiable path and gives the same latents."""
+    g, _, W, b = _data(11, torch.float32)
+    sae = make_sae("topk", D, L, k=K, apply_b_dec_to_input=b_dec_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(W)
+        sae.b_enc.copy_(b)
+        sae.b_dec.copy_(torch.randn(D, generator=g))
+    x = torch.randn(3, 7, D, generator=g)
+    x_in = x - sae.b_dec.detach() if b_dec_in else x
+    v, i = (x_in.reshape(-1, D) @ W + b).topk(K, dim=-1)
+    monkeypatch.setattr(kernels, "SELECT_BLOCK_ELEMENTS", 4 * L)  # 21 tokens -> 6 blocks
+    sizes: list[int] = []
+    real_topk = torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda self, *a, **kw: sizes.append(self.numel()) or real_topk(self, *a, **kw))
+    with torch.no_grad():
+        lat, pre = sae.encode_normalized(x)
+    assert max(sizes) == 4 * L and pre is None
+    assert lat.values.shape == lat.indices.shape == (3, 7, K)
+    flat_i, flat_v = lat.indices.reshape(-1, K), lat.values.reshape(-1, K)
+    assert torch.equal(flat_i.sort(-1).values, i.sort(-1).values)
+    torch.testing.assert_close(flat_v.gather(-1, flat_i.argsort(-1)), torch.relu(v).gather(-1, i.argsort(-1)))
+    # Grad enabled: the dense path, same latents, gradients equal autograd through the hand computation.
+    xg = x.clone().requires_grad_(True)
+    lat_g, pre_g = sae.encode_normalized(xg)
+    assert pre_g is not None and pre_g.shape == (3, 7, L)
+    torch.testing.assert_close(lat_g.to_dense().detach(), lat.to_dense())
+    w = torch.randn(3, 7, L, generator=g)
+    (lat_g.to_dense() * w).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    xr_in = xr - sae.b_dec.detach() if b_dec_in else xr
+    ref_pre = xr_in @ W + b
+    ref = torch.zeros_like(ref_pre).scatter(-1, ref_pre.topk(K, dim=-1).indices, 1.0) * torch.relu(ref_pre)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
