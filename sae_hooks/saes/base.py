@@ -209,7 +209,9 @@ class SAE(nn.Module):
         skip path of a skip transcoder needs the input: use :meth:`reconstruct`.
         """
         if isinstance(latents, SparseLatents):
-            y = sparse_decode(latents, self.W_dec) + self.b_dec
+            y = sparse_decode(latents, self.W_dec)
+            # Without autograd the bias goes into the fresh gather output: one (N, d_out) tensor, not two.
+            y = y + self.b_dec if torch.is_grad_enabled() else y.add_(self.b_dec)
         else:
             y = latents.to(self.dtype) @ self.W_dec + self.b_dec
         return self.denormalize_output(y, state)
