@@ -27,7 +27,7 @@ from ..config import SAEConfig
 from ..errors import ConfigError
 from .base import NormState
 from .batchtopk import BatchTopKSAE, BatchTopKSettings, BatchTopKTraining
-from .kernels import crow_rows, sparse_decode_ragged
+from .kernels import crow_rows, row_pointers, sparse_decode_ragged
 from .registry import register_sae_class
 from .topk import auxk_term
 from .training import LossOutput, StepContext, fired_and_l0, mse, skip_term
@@ -86,8 +86,8 @@ class MatryoshkaTraining(BatchTopKTraining):
         weights = settings.prefix_weights if settings.prefix_weights is not None else [1.0 / len(widths)] * len(widths)
         if len(weights) != len(widths):
             raise ConfigError(f"prefix_weights has {len(weights)} entries for the {len(widths)} prefixes {widths}")
-        # BatchTopK's sparse training latents (ragged, token-major, latents ascending within a token):
-        # prefix g adds the entries of latents [m_{g-1}, m_g), decoded as their own ragged selection.
+        # BatchTopK's sparse training latents (ragged, token-major): prefix g adds the entries of latents
+        # [m_{g-1}, m_g), decoded as their own token-major sub-selection.
         f = sae.encode_sparse_training(x)
         rows = crow_rows(f.crow)  # type: ignore[arg-type]
         n_tokens = f.crow.numel() - 1  # type: ignore[union-attr]
@@ -96,8 +96,7 @@ class MatryoshkaTraining(BatchTopKTraining):
         start = 0
         for w_g, m in zip(weights, widths):
             part = ((f.indices >= start) & (f.indices < m)).nonzero().squeeze(1)
-            counts = torch.bincount(rows[part], minlength=n_tokens)
-            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            crow = row_pointers(rows[part], n_tokens)
             y_hat = y_hat + sparse_decode_ragged(f.values[part], f.indices[part], crow, sae.W_dec)
             total = total + w_g * mse(y, y_hat)
             start = m

@@ -44,31 +44,25 @@ class TopKSAE(SAE):
         return SparseLatents(torch.relu(values), indices, self.cfg.d_sae)
 
     def encode_normalized(self, x: Tensor, training: bool = False) -> tuple[SparseLatents, Tensor | None]:
-        if not training:
-            if torch.is_grad_enabled() and (x.requires_grad or self.W_enc.requires_grad):
-                pre = self.pre_acts(x)  # differentiable: attribution through the latents
-                return self.activate(pre), pre
-            return self._select(x)
+        if not training and torch.is_grad_enabled() and (x.requires_grad or self.W_enc.requires_grad):
+            pre = self.pre_acts(x)  # differentiable: attribution through the latents
+            return self.activate(pre), pre
         x_in = encoder_input(self, x)
         b_enc = self.b_enc if self.has_encoder_bias else None
+        if not training:
+            # No-grad inference: the same blocked selection, one (rows, d_sae) block at a time; the
+            # pre-activations (..., d_sae) only come back when they fit in one block.
+            lead = x_in.shape[:-1]
+            sel = topk_select(x_in.reshape(-1, x_in.shape[-1]), self.W_enc, b_enc, self.k, keep_pre=True)
+            pre = None if sel.pre is None else sel.pre.view(*lead, self.cfg.d_sae)
+            values, indices = torch.relu_(sel.values).view(*lead, self.k), sel.indices.view(*lead, self.k)
+            return SparseLatents(values, indices, self.cfg.d_sae), pre
         # Blocked: one (rows, d_sae) pre-activation block at a time. The pre-activations ride along
         # (for AuxK) only when they fit in one block; otherwise AuxK recomputes the dead latents'
         # columns only (training.dead_reconstruction).
         sel = topk_select(x_in.detach(), self.W_enc, b_enc, self.k, keep_pre=True)
         acts = torch.relu(gather_encode(x_in, self.W_enc, b_enc, sel.indices, sel.values))
         return SparseLatents(acts, sel.indices, self.cfg.d_sae, pre=sel.pre), sel.pre
-
-
-    def _select(self, x: Tensor) -> tuple[SparseLatents, Tensor | None]:
-        """No-grad inference: the blocked selection, one ``(rows, d_sae)`` block at a time (the
-        pre-activations ``(..., d_sae)`` only come back when they fit in one block)."""
-        x_in = encoder_input(self, x)
-        flat = x_in.reshape(-1, x_in.shape[-1])
-        sel = topk_select(flat, self.W_enc, self.b_enc if self.has_encoder_bias else None, self.k, keep_pre=True)
-        lead = x_in.shape[:-1]
-        pre = None if sel.pre is None else sel.pre.view(*lead, self.cfg.d_sae)
-        latents = SparseLatents(torch.relu_(sel.values).view(*lead, self.k), sel.indices.view(*lead, self.k), self.cfg.d_sae)
-        return latents, pre
 
 
 def auxk_term(sae: SAE, x: Tensor, pre: Tensor | None, residual: Tensor, settings: AuxKSettings, ctx: StepContext) -> Tensor | None:
