@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import _sides  # the matrix's input batches and peak RSS (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(a: dict) -> None:
     import torch
 
+    import sae_hooks
     from sae_hooks import make_sae
     from sae_hooks.train import TrainEntry, TrainSettings
 
@@ -35,19 +37,14 @@ def child(a: dict) -> None:
     extra = {"matryoshka_widths": a["widths"]} if a["widths"] else {}
     sae = make_sae(a["arch"], a["d_in"], a["d_sae"], k=a["k"], **extra)
     entry = TrainEntry("sae", "x", sae, TrainSettings(lr=1e-4, warmup_steps=10, init_batches=1))
-    g = torch.Generator().manual_seed(0)
-    scale = torch.rand(a["d_in"], generator=g) * 2 + 0.1
-    xs = [torch.randn(a["tokens"], a["d_in"], generator=g) * scale for _ in range(2)]
+    xs = _sides.batches(a, torch)  # the matrix's inputs
     times = []
     for i in range(a["warmup"] + a["steps"]):
         t = time.perf_counter()
         entry.train_step(xs[i % 2])
         if i >= a["warmup"]:
             times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    import sae_hooks
-
-    print("RESULT " + json.dumps({"train": times, "peak_gb": peak, "package": sae_hooks.__file__}))
+    print("RESULT " + json.dumps({"train": times, "peak_gb": _sides.peak_gb(), "package": sae_hooks.__file__}))
 
 
 def main() -> None:
@@ -71,7 +68,10 @@ def main() -> None:
     cfg = {"arch": args.arch, "widths": [int(w) for w in args.widths.split(",") if w], "d_in": args.d_in,
            "d_sae": args.d_sae, "k": args.k, "tokens": args.tokens, "steps": args.steps, "warmup": args.warmup,
            "threads": args.threads}
-    sides = {"this checkout": str(ROOT), "baseline": str(Path(args.baseline_src).resolve())}
+    baseline = Path(args.baseline_src).resolve()
+    if not (baseline / "sae_hooks" / "__init__.py").is_file():
+        sys.exit(f"--baseline-src {args.baseline_src}: no sae_hooks package in that folder")
+    sides = {"this checkout": str(ROOT), "baseline": str(baseline)}
     results: dict[str, list] = {s: [] for s in sides}
     peaks: dict[str, float] = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
